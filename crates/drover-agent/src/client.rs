@@ -1,0 +1,338 @@
+//! The HTTP side of the device API (`/device/v1/...`): one reqwest client, one error type, and
+//! the status-code handling every call shares. Message types come from `drover_protocol`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use drover_protocol::device::{
+    CheckinRequest, DesiredState, EnrollRequest, EnrollResponse, ReportAck, ReportBatch,
+};
+use drover_protocol::error::ErrorBody;
+use reqwest::StatusCode;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::config::AgentConfig;
+
+/// How long to wait for a TCP and TLS connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long an API call (not a download) may take in all.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a download may go without receiving a byte.
+const READ_TIMEOUT: Duration = Duration::from_secs(60);
+/// The most of an error body kept for a message.
+const MAX_ERROR_BODY: usize = 2048;
+
+/// A failed call to the hub.
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    /// The client could not be built (for example, an unreadable `ca_file`).
+    #[error("setting up the hub connection: {0}")]
+    Setup(String),
+    /// The hub could not be reached, or the connection broke.
+    #[error("cannot reach the hub ({what}): {source}")]
+    Network {
+        /// The call.
+        what: &'static str,
+        /// reqwest's error, with its causes.
+        source: reqwest::Error,
+    },
+    /// The hub answered with an error status.
+    #[error("the hub refused {what} with {status}: {code}: {message}")]
+    Refused {
+        /// The call.
+        what: &'static str,
+        /// The HTTP status.
+        status: StatusCode,
+        /// The error code from the body (`invalid_credential`, ...), or `-`.
+        code: String,
+        /// The message from the body.
+        message: String,
+    },
+    /// The hub's answer could not be understood.
+    #[error("the hub's answer to {what} is not valid: {message}")]
+    BadAnswer {
+        /// The call.
+        what: &'static str,
+        /// What was wrong.
+        message: String,
+    },
+}
+
+impl HubError {
+    /// The HTTP status, for refusals.
+    pub fn status(&self) -> Option<StatusCode> {
+        match self {
+            HubError::Refused { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// The error code from the body, for refusals.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            HubError::Refused { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+
+    /// Whether trying again later may help (network trouble, 5xx, 408, 429).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            HubError::Network { .. } | HubError::BadAnswer { .. } => true,
+            HubError::Refused { status, .. } => {
+                status.is_server_error()
+                    || *status == StatusCode::REQUEST_TIMEOUT
+                    || *status == StatusCode::TOO_MANY_REQUESTS
+            }
+            HubError::Setup(_) => false,
+        }
+    }
+}
+
+/// A connection to the hub's device API.
+#[derive(Debug, Clone)]
+pub struct HubClient {
+    http: reqwest::Client,
+    base: Arc<str>,
+}
+
+impl HubClient {
+    /// Builds the client: the configured CA only when `ca_file` is set, the platform's trust
+    /// store otherwise.
+    pub fn new(config: &AgentConfig) -> Result<HubClient, HubError> {
+        // reqwest is built without a default crypto provider; the process gets ring. A second
+        // call finds one installed already, which is fine.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let base = config.hub_base().map_err(HubError::Setup)?;
+        let mut builder = reqwest::Client::builder()
+            .user_agent(concat!("drover-agent/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(CONNECT_TIMEOUT)
+            .read_timeout(READ_TIMEOUT);
+        if let Some(ca_file) = &config.ca_file {
+            builder = builder.tls_backend_preconfigured(tls_trusting_only(ca_file)?);
+        }
+        let http = builder
+            .build()
+            .map_err(|e| HubError::Setup(format!("{e:#}")))?;
+        Ok(HubClient {
+            http,
+            base: base.into(),
+        })
+    }
+
+    /// The absolute URL for a path on the hub (`/device/v1/...`).
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// Resolves a URL the hub handed out (an artifact URL): a path on the hub, or an absolute
+    /// URL on the hub itself. Anything else is refused, so that the device credential is never
+    /// sent to another host.
+    pub fn resolve(&self, url: &str) -> Option<String> {
+        if url.starts_with('/') && !url.starts_with("//") {
+            return Some(self.url(url));
+        }
+        url.strip_prefix(&*self.base)
+            .filter(|rest| rest.starts_with('/'))
+            .map(|_| url.to_string())
+    }
+
+    /// `POST /device/v1/enroll`.
+    pub async fn enroll(&self, request: &EnrollRequest) -> Result<EnrollResponse, HubError> {
+        let what = "enrolment";
+        let response = self.post("/device/v1/enroll", None, request, what).await?;
+        json(response, what).await
+    }
+
+    /// `POST /device/v1/checkin`: `None` for `204 No Content` (nothing changed).
+    pub async fn checkin(
+        &self,
+        credential: &str,
+        request: &CheckinRequest,
+    ) -> Result<Option<DesiredState>, HubError> {
+        let what = "check-in";
+        let response = self
+            .post("/device/v1/checkin", Some(credential), request, what)
+            .await?;
+        if response.status() == StatusCode::NO_CONTENT {
+            return Ok(None);
+        }
+        json(response, what).await.map(Some)
+    }
+
+    /// `POST /device/v1/reports`.
+    pub async fn reports(
+        &self,
+        credential: &str,
+        batch: &ReportBatch,
+    ) -> Result<ReportAck, HubError> {
+        let what = "report delivery";
+        let response = self
+            .post("/device/v1/reports", Some(credential), batch, what)
+            .await?;
+        json(response, what).await
+    }
+
+    /// `GET` an artifact, from `offset` on when resuming (with `If-Range`, so that a changed
+    /// artifact comes back whole). The status is the caller's to check.
+    pub async fn artifact(
+        &self,
+        url: &str,
+        credential: &str,
+        offset: u64,
+        etag: &str,
+    ) -> Result<reqwest::Response, HubError> {
+        let mut request = self.http.get(url).bearer_auth(credential);
+        if offset > 0 {
+            request = request
+                .header(reqwest::header::RANGE, format!("bytes={offset}-"))
+                .header(reqwest::header::IF_RANGE, etag);
+        }
+        request.send().await.map_err(|source| HubError::Network {
+            what: "artifact download",
+            source,
+        })
+    }
+
+    async fn post<T: Serialize>(
+        &self,
+        path: &str,
+        credential: Option<&str>,
+        body: &T,
+        what: &'static str,
+    ) -> Result<reqwest::Response, HubError> {
+        let mut request = self.http.post(self.url(path)).timeout(CALL_TIMEOUT).json(body);
+        if let Some(credential) = credential {
+            request = request.bearer_auth(credential);
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|source| HubError::Network { what, source })?;
+        if response.status().is_success() {
+            Ok(response)
+        } else {
+            Err(refusal(response, what).await)
+        }
+    }
+}
+
+/// Turns an error response into [`HubError::Refused`], reading the JSON error body if there
+/// is one.
+pub async fn refusal(response: reqwest::Response, what: &'static str) -> HubError {
+    let status = response.status();
+    let text = response.text().await.unwrap_or_default();
+    let (code, message) = match serde_json::from_str::<ErrorBody>(&text) {
+        Ok(body) => (body.error, body.message),
+        Err(_) => {
+            let mut cut = text.trim().to_string();
+            if cut.len() > MAX_ERROR_BODY {
+                cut = drover_protocol::device::truncate_output(&cut, MAX_ERROR_BODY);
+            }
+            ("-".to_string(), cut)
+        }
+    };
+    HubError::Refused {
+        what,
+        status,
+        code,
+        message,
+    }
+}
+
+async fn json<T: DeserializeOwned>(
+    response: reqwest::Response,
+    what: &'static str,
+) -> Result<T, HubError> {
+    let bytes = response
+        .bytes()
+        .await
+        .map_err(|source| HubError::Network { what, source })?;
+    serde_json::from_slice(&bytes).map_err(|e| HubError::BadAnswer {
+        what,
+        message: e.to_string(),
+    })
+}
+
+/// A rustls config that trusts only the CA certificates in `ca_file`.
+fn tls_trusting_only(ca_file: &std::path::Path) -> Result<rustls::ClientConfig, HubError> {
+    let setup = |message: String| HubError::Setup(format!("ca_file {}: {message}", ca_file.display()));
+    let pem = std::fs::read(ca_file).map_err(|e| setup(e.to_string()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+        let cert = cert.map_err(|e| setup(format!("not valid PEM: {e}")))?;
+        roots
+            .add(cert)
+            .map_err(|e| setup(format!("not a usable CA certificate: {e}")))?;
+    }
+    if roots.is_empty() {
+        return Err(setup("holds no certificate".into()));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| setup(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client(hub_url: &str) -> HubClient {
+        let config = AgentConfig {
+            hub_url: hub_url.into(),
+            device_type: "rpi4".into(),
+            ..AgentConfig::default()
+        };
+        HubClient::new(&config).unwrap()
+    }
+
+    #[test]
+    fn artifact_urls_stay_on_the_hub() {
+        let hub = client("https://hub.example.com:8443/drover/");
+        assert_eq!(
+            hub.resolve("/device/v1/artifacts/ab").as_deref(),
+            Some("https://hub.example.com:8443/drover/device/v1/artifacts/ab")
+        );
+        assert_eq!(
+            hub.resolve("https://hub.example.com:8443/drover/x").as_deref(),
+            Some("https://hub.example.com:8443/drover/x")
+        );
+        assert_eq!(hub.resolve("https://evil.example.com/x"), None);
+        assert_eq!(hub.resolve("https://hub.example.com:8443/droverx"), None);
+        assert_eq!(hub.resolve("//evil.example.com/x"), None);
+    }
+
+    #[test]
+    fn a_bad_ca_file_is_a_clear_setup_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, "not a certificate").unwrap();
+        let config = AgentConfig {
+            hub_url: "https://127.0.0.1:1".into(),
+            device_type: "rpi4".into(),
+            ca_file: Some(ca),
+            ..AgentConfig::default()
+        };
+        let err = HubClient::new(&config).unwrap_err().to_string();
+        assert!(err.contains("ca.pem") && err.contains("no certificate"), "{err}");
+    }
+
+    #[test]
+    fn transient_errors_are_told_apart() {
+        let refused = |status: u16| HubError::Refused {
+            what: "x",
+            status: StatusCode::from_u16(status).unwrap(),
+            code: "-".into(),
+            message: String::new(),
+        };
+        assert!(refused(503).is_transient());
+        assert!(refused(429).is_transient());
+        assert!(!refused(400).is_transient());
+        assert!(!refused(401).is_transient());
+    }
+}
