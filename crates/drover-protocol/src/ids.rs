@@ -124,9 +124,13 @@ pub fn token_hash(token: &str) -> String {
 
 /// SHA-256 of some bytes, in lower-case hex.
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    let digest = Sha256::digest(bytes);
-    let mut out = String::with_capacity(64);
-    for b in digest {
+    to_hex(&Sha256::digest(bytes))
+}
+
+/// Bytes in lower-case hex (for digests computed in streaming fashion elsewhere).
+pub fn to_hex(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for &b in bytes {
         out.push(char::from(HEX[usize::from(b >> 4)]));
         out.push(char::from(HEX[usize::from(b & 0xf)]));
     }

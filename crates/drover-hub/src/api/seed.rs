@@ -1,0 +1,289 @@
+//! The seed updater protocol, per fleet, under `/seed/{secret}`: devices still running the
+//! original updater keep working and appear in the fleet, so that they can be moved to the
+//! Drover agent (by deploying a release whose `update.sh` installs it) without a site visit.
+//!
+//! What the hub adds over the seed hub, without the device noticing: a release that failed on a
+//! device is offered again only after a backoff (1, 2, 4 minutes ...), and after three failures
+//! it is held until an operator retries or deploys; the seed updater itself has neither, and
+//! would otherwise download and run a failing update every five seconds forever.
+
+use std::time::Duration;
+
+use axum::extract::{ConnectInfo, Path, State};
+use axum::http::{HeaderMap, header};
+use axum::response::Response;
+use drover_protocol::device::{DeviceStatus, UpdatePhase, UpdateStatus};
+use drover_protocol::ids::DeviceId;
+use drover_protocol::seed::{HowItWorkedOut, TimeResponse, UpdateMeQuery, UpdateMeResponse};
+use time::OffsetDateTime;
+use time::macros::format_description;
+
+use crate::error::{ApiError, ApiJson, ApiQuery};
+use crate::state::HubState;
+use crate::store::{Device, Fleet, Release, Reported, SeedCheckin, now_ms};
+
+/// Failures of one release before the hub holds it for a seed device.
+pub const SEED_MAX_FAILURES: i64 = 3;
+/// The first wait after a failure; it doubles with each further failure.
+pub const SEED_BACKOFF_BASE: Duration = Duration::from_secs(60);
+
+async fn fleet_for(hub: &HubState, secret: &str) -> Result<Fleet, ApiError> {
+    hub.store
+        .fleet_by_seed_secret(secret)
+        .await?
+        .ok_or_else(|| ApiError::not_found("this seed protocol URL (wrong secret, or turned off)"))
+}
+
+fn parse_device_id(text: &str) -> Result<DeviceId, ApiError> {
+    DeviceId::parse(text).map_err(|e| ApiError::bad_request("invalid_device_id", e.to_string()))
+}
+
+/// The URL a seed device reaches the hub at, for absolute download URLs.
+fn base_url(hub: &HubState, headers: &HeaderMap) -> String {
+    if let Some(url) = &hub.config.public_url {
+        return url.trim_end_matches('/').to_string();
+    }
+    let host = headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("localhost");
+    let scheme = if hub.config.tls.is_some() { "https" } else { "http" };
+    format!("{scheme}://{host}")
+}
+
+/// `GET {base}/updateme`.
+pub async fn updateme(
+    State(hub): State<HubState>,
+    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
+    Path(secret): Path<String>,
+    headers: HeaderMap,
+    ApiQuery(query): ApiQuery<UpdateMeQuery>,
+) -> Result<axum::Json<UpdateMeResponse>, ApiError> {
+    let fleet = fleet_for(&hub, &secret).await?;
+    let device_id = parse_device_id(&query.device_id)?;
+    let snapshot = query.snapshot();
+    let current = if snapshot > 0 {
+        hub.store
+            .release_by_seq(fleet.org_id, fleet.id, snapshot)
+            .await?
+    } else {
+        None
+    };
+    let poll = SeedCheckin {
+        device_id,
+        updater_version: query.updater_version.clone().unwrap_or_default(),
+        snapshot,
+        current_release: current.map(|r| r.version),
+        remote_ip: Some(peer.ip().to_string()),
+    };
+    let device = hub
+        .store
+        .seed_checkin(fleet.org_id, fleet.id, fleet.auto_accept, &poll)
+        .await?;
+    let interval = u64::try_from(fleet.poll_interval_s).ok();
+    let no_update = axum::Json(UpdateMeResponse::no_update_needed(interval));
+    if device.status != DeviceStatus::Accepted {
+        return Ok(no_update);
+    }
+    let Some(target) = crate::desired::target_release(&hub.store, &device, &fleet).await? else {
+        return Ok(no_update);
+    };
+    if target.seq == snapshot {
+        set_phase(&hub, &device, UpdateStatus::idle()).await?;
+        return Ok(no_update);
+    }
+    let Some(download_type) = target.format.seed_download_type() else {
+        let status = held(&target, 0, "the seed updater cannot install tar.gz releases; release a zip or a script");
+        set_phase(&hub, &device, status).await?;
+        return Ok(no_update);
+    };
+    if let Some(status) = backoff(&hub, &device, &fleet, &target).await? {
+        set_phase(&hub, &device, status).await?;
+        return Ok(no_update);
+    }
+    set_phase(
+        &hub,
+        &device,
+        UpdateStatus {
+            phase: UpdatePhase::Installing,
+            release: Some(target.version.clone()),
+            failures: 0,
+            message: None,
+        },
+    )
+    .await?;
+    let config = crate::desired::effective_config(&fleet, &device);
+    Ok(axum::Json(UpdateMeResponse {
+        status: "updateNeeded".into(),
+        snapshot_id: Some(target.seq.to_string()),
+        download_url: Some(format!(
+            "{}/seed/{secret}/artifacts/{}",
+            base_url(&hub, &headers),
+            target.sha256
+        )),
+        download_type: Some(download_type.into()),
+        config: Some(config),
+        update_interval: interval,
+        ssh_tunnel_requested: None,
+    }))
+}
+
+fn held(target: &Release, failures: i64, why: &str) -> UpdateStatus {
+    UpdateStatus {
+        phase: UpdatePhase::Held,
+        release: Some(target.version.clone()),
+        failures: u32::try_from(failures).unwrap_or(u32::MAX),
+        message: Some(why.to_string()),
+    }
+}
+
+/// Whether the target must wait (backing off) or is held, from the device's failures since
+/// the last deploy or retry.
+async fn backoff(
+    hub: &HubState,
+    device: &Device,
+    fleet: &Fleet,
+    target: &Release,
+) -> Result<Option<UpdateStatus>, ApiError> {
+    let deployed_at = hub
+        .store
+        .target_updated_at(fleet.org_id, fleet.id, &device.device_type)
+        .await?
+        .unwrap_or(0);
+    let since = deployed_at.max(device.retry_requested_at.unwrap_or(0));
+    let (failures, last) = hub
+        .store
+        .failures_since(device.org_id, &device.id, &target.version, since)
+        .await?;
+    if failures == 0 {
+        return Ok(None);
+    }
+    if failures >= SEED_MAX_FAILURES {
+        return Ok(Some(held(
+            target,
+            failures,
+            &format!("failed {failures} times; 'drover device retry {}' tries again", device.id),
+        )));
+    }
+    let wait_ms = i64::try_from(SEED_BACKOFF_BASE.as_millis()).unwrap_or(60_000)
+        << (failures - 1).clamp(0, 10);
+    let retry_at = last.unwrap_or(0) + wait_ms;
+    if now_ms() < retry_at {
+        return Ok(Some(UpdateStatus {
+            phase: UpdatePhase::BackingOff,
+            release: Some(target.version.clone()),
+            failures: u32::try_from(failures).unwrap_or(u32::MAX),
+            message: Some(format!("failed {failures} time(s); next try after a backoff")),
+        }));
+    }
+    Ok(None)
+}
+
+async fn set_phase(hub: &HubState, device: &Device, update: UpdateStatus) -> Result<(), ApiError> {
+    if device.update == update {
+        return Ok(());
+    }
+    let reported = Reported {
+        current_release: device.current_release.clone(),
+        agent_version: device.agent_version.clone(),
+        update,
+    };
+    hub.store.record_reported(&device.id, &reported).await?;
+    Ok(())
+}
+
+/// `POST {base}/howitworkedout`.
+pub async fn howitworkedout(
+    State(hub): State<HubState>,
+    Path(secret): Path<String>,
+    ApiJson(body): ApiJson<HowItWorkedOut>,
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    let fleet = fleet_for(&hub, &secret).await?;
+    let device_id = parse_device_id(&body.device_id)?;
+    let device = hub
+        .store
+        .device(fleet.org_id, &device_id)
+        .await?
+        .filter(|d| d.fleet_id == fleet.id)
+        .ok_or_else(|| ApiError::not_found(format!("device {device_id} in this fleet")))?;
+    let snapshot: i64 = body.snapshot_id.trim().parse().map_err(|_| {
+        ApiError::bad_request(
+            "invalid_snapshot",
+            format!("snapshotId must be a number, got {:?}", body.snapshot_id),
+        )
+    })?;
+    let release = hub
+        .store
+        .release_by_seq(fleet.org_id, fleet.id, snapshot)
+        .await?
+        .map_or_else(|| format!("snapshot-{snapshot}"), |r| r.version);
+    let output = drover_protocol::device::truncate_output(&body.output, drover_protocol::MAX_OUTPUT_BYTES);
+    hub.store
+        .record_seed_outcome(fleet.org_id, &device_id, &release, body.success, &output)
+        .await?;
+    let phase = if body.success {
+        UpdateStatus::idle()
+    } else {
+        UpdateStatus {
+            phase: UpdatePhase::BackingOff,
+            release: Some(release.clone()),
+            failures: device.update.failures.saturating_add(1),
+            message: Some("update.sh failed".into()),
+        }
+    };
+    let mut device = device;
+    if body.success {
+        device.current_release = Some(release);
+    }
+    set_phase(&hub, &device, phase).await?;
+    Ok(axum::Json(serde_json::json!({ "status": "ok" })))
+}
+
+/// `GET {base}/time`.
+pub async fn time(
+    State(hub): State<HubState>,
+    Path(secret): Path<String>,
+) -> Result<axum::Json<TimeResponse>, ApiError> {
+    fleet_for(&hub, &secret).await?;
+    Ok(axum::Json(TimeResponse {
+        data: iso_time(OffsetDateTime::now_utc()),
+    }))
+}
+
+/// ISO-8601 in UTC with milliseconds, as JavaScript's `Date.toISOString()` writes it.
+pub fn iso_time(t: OffsetDateTime) -> String {
+    let format = format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
+    t.format(&format).unwrap_or_default()
+}
+
+/// `GET {base}/artifacts/{sha256}`: the secret in the URL is the only credential a seed
+/// device has.
+pub async fn artifact(
+    State(hub): State<HubState>,
+    Path((secret, sha256)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let fleet = fleet_for(&hub, &secret).await?;
+    let allowed = crate::artifacts::is_sha256_hex(&sha256)
+        && hub
+            .store
+            .fleet_has_artifact(fleet.org_id, fleet.id, &sha256)
+            .await?;
+    if !allowed {
+        return Err(ApiError::not_found(format!("artifact {sha256} in this fleet")));
+    }
+    super::download::serve_artifact(hub.artifacts.as_ref(), &sha256, &headers).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn time_looks_like_javascript_iso_strings() {
+        let t = OffsetDateTime::from_unix_timestamp_nanos(1_495_378_800_123_456_789).unwrap();
+        assert_eq!(iso_time(t), "2017-05-21T15:00:00.123Z");
+    }
+}

@@ -1,0 +1,174 @@
+//! Versioned schema migrations, one list for both engines.
+//!
+//! Each migration has its SQL written for SQLite and for PostgreSQL, since the two disagree on
+//! little more than how an auto-increment key is spelled. Applied migrations are recorded in
+//! `schema_migrations`; a hub refuses to start against a database newer than itself, so an old
+//! binary never writes into a schema it does not understand. On PostgreSQL the whole run holds
+//! an advisory lock, so several hub replicas starting at once migrate exactly once.
+//!
+//! Conventions every migration keeps (so that one set of queries serves both engines):
+//! - every integer is `BIGINT` (SQLite: `INTEGER`), decoded as `i64`;
+//! - flags are `BIGINT` 0/1, times are Unix milliseconds, JSON is `TEXT`;
+//! - every table but `organizations` and `schema_migrations` has an `org_id`.
+
+/// One schema change.
+pub struct Migration {
+    /// Increasing from 1, never reused.
+    pub version: i64,
+    /// A few words on what it does.
+    pub name: &'static str,
+    /// The statements, with `{pk}` where an auto-increment primary key is declared.
+    pub template: &'static str,
+}
+
+impl Migration {
+    /// The statements for one engine.
+    pub fn sql(&self, engine: super::Engine) -> String {
+        let pk = match engine {
+            super::Engine::Sqlite => "INTEGER PRIMARY KEY",
+            super::Engine::Postgres => "BIGSERIAL PRIMARY KEY",
+        };
+        self.template.replace("{pk}", pk)
+    }
+}
+
+/// Every migration, oldest first.
+pub const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "organizations, fleets, devices, releases, update attempts, tokens",
+    template: INITIAL,
+}];
+
+/// The initial schema, with `{pk}` standing for the engine's auto-increment primary key.
+const INITIAL: &str = r#"
+CREATE TABLE organizations (
+    id {pk},
+    name TEXT NOT NULL UNIQUE,
+    created_at BIGINT NOT NULL
+);
+
+CREATE TABLE api_tokens (
+    id {pk},
+    org_id BIGINT NOT NULL REFERENCES organizations(id),
+    name TEXT NOT NULL,
+    token_hash TEXT NOT NULL UNIQUE,
+    role TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    revoked_at BIGINT
+);
+
+CREATE TABLE fleets (
+    id {pk},
+    org_id BIGINT NOT NULL REFERENCES organizations(id),
+    name TEXT NOT NULL,
+    auto_accept BIGINT NOT NULL,
+    provisioning_key_hash TEXT NOT NULL UNIQUE,
+    release_key TEXT,
+    poll_interval_s BIGINT NOT NULL,
+    config TEXT NOT NULL,
+    seed_secret TEXT UNIQUE,
+    deploy_generation BIGINT NOT NULL,
+    next_release_seq BIGINT NOT NULL,
+    created_at BIGINT NOT NULL,
+    UNIQUE (org_id, name)
+);
+
+CREATE TABLE artifacts (
+    org_id BIGINT NOT NULL REFERENCES organizations(id),
+    sha256 TEXT NOT NULL,
+    size BIGINT NOT NULL,
+    format TEXT,
+    created_at BIGINT NOT NULL,
+    PRIMARY KEY (org_id, sha256)
+);
+
+CREATE TABLE releases (
+    id {pk},
+    org_id BIGINT NOT NULL REFERENCES organizations(id),
+    fleet_id BIGINT NOT NULL REFERENCES fleets(id),
+    seq BIGINT NOT NULL,
+    version TEXT NOT NULL,
+    device_type TEXT,
+    module TEXT NOT NULL,
+    artifact_sha256 TEXT NOT NULL,
+    artifact_size BIGINT NOT NULL,
+    artifact_format TEXT NOT NULL,
+    signature TEXT,
+    notes TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    UNIQUE (fleet_id, version),
+    UNIQUE (fleet_id, seq)
+);
+CREATE INDEX releases_artifact ON releases (org_id, artifact_sha256);
+
+CREATE TABLE fleet_targets (
+    fleet_id BIGINT NOT NULL REFERENCES fleets(id),
+    device_type TEXT NOT NULL,
+    org_id BIGINT NOT NULL REFERENCES organizations(id),
+    release_id BIGINT NOT NULL REFERENCES releases(id),
+    updated_at BIGINT NOT NULL,
+    PRIMARY KEY (fleet_id, device_type)
+);
+
+CREATE TABLE devices (
+    id TEXT PRIMARY KEY,
+    org_id BIGINT NOT NULL REFERENCES organizations(id),
+    fleet_id BIGINT NOT NULL REFERENCES fleets(id),
+    device_type TEXT NOT NULL,
+    status TEXT NOT NULL,
+    protocol TEXT NOT NULL,
+    public_key TEXT UNIQUE,
+    credential_hash TEXT UNIQUE,
+    agent_version TEXT NOT NULL,
+    current_release TEXT,
+    seed_snapshot BIGINT,
+    update_phase TEXT NOT NULL,
+    update_release TEXT,
+    update_failures BIGINT NOT NULL,
+    update_message TEXT,
+    os TEXT NOT NULL,
+    arch TEXT NOT NULL,
+    hostname TEXT NOT NULL,
+    ip TEXT,
+    remote_ip TEXT,
+    uptime_s BIGINT NOT NULL,
+    tags TEXT NOT NULL,
+    attributes TEXT NOT NULL,
+    config TEXT NOT NULL,
+    pinned_release_id BIGINT REFERENCES releases(id),
+    retry_generation BIGINT NOT NULL,
+    retry_requested_at BIGINT,
+    last_report_seq BIGINT NOT NULL,
+    last_seen BIGINT,
+    created_at BIGINT NOT NULL,
+    accepted_at BIGINT,
+    revoked_at BIGINT
+);
+CREATE INDEX devices_fleet ON devices (org_id, fleet_id);
+
+CREATE TABLE update_attempts (
+    id {pk},
+    org_id BIGINT NOT NULL REFERENCES organizations(id),
+    device_id TEXT NOT NULL REFERENCES devices(id),
+    release_version TEXT NOT NULL,
+    attempt BIGINT NOT NULL,
+    state TEXT NOT NULL,
+    message TEXT,
+    output TEXT,
+    started_at BIGINT NOT NULL,
+    updated_at BIGINT NOT NULL,
+    UNIQUE (device_id, release_version, attempt)
+);
+
+CREATE TABLE attempt_events (
+    id {pk},
+    org_id BIGINT NOT NULL REFERENCES organizations(id),
+    attempt_id BIGINT NOT NULL REFERENCES update_attempts(id),
+    state TEXT NOT NULL,
+    message TEXT,
+    at BIGINT NOT NULL,
+    received_at BIGINT NOT NULL
+);
+CREATE INDEX attempt_events_attempt ON attempt_events (attempt_id);
+"#;
+
