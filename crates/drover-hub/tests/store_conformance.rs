@@ -1,0 +1,483 @@
+//! The store conformance suite: the same cases against SQLite (always) and PostgreSQL (when
+//! `DROVER_TEST_POSTGRES_URL` is set; CI always sets it), so that both engines keep exactly the
+//! same behaviour behind the one `Store` interface.
+
+use drover_hub::store::{
+    DeviceFilter, FleetPatch, NewDevice, NewFleet, NewRelease, Presence, Reported, SeedCheckin,
+    Store, StoreError,
+};
+use drover_protocol::artifact::ArtifactFormat;
+use drover_protocol::device::{
+    DeviceStatus, Facts, Module, ReportState, UpdatePhase, UpdateReport, UpdateStatus,
+};
+use drover_protocol::ids::{DeviceId, token_hash};
+use drover_test_support::TestDatabase;
+
+/// Holds whatever keeps a store's database alive for the test.
+enum Guard {
+    Dir(#[allow(dead_code, reason = "held for its Drop")] tempfile::TempDir),
+    Db(#[allow(dead_code, reason = "held for its Drop")] TestDatabase),
+}
+
+async fn sqlite() -> (Store, Guard) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_sqlite(dir.path()).await.unwrap();
+    (store, Guard::Dir(dir))
+}
+
+async fn postgres() -> Option<(Store, Guard)> {
+    let db = TestDatabase::create().await.unwrap()?;
+    let store = Store::connect(&db.url).await.unwrap();
+    Some((store, Guard::Db(db)))
+}
+
+macro_rules! conformance {
+    ($($case:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    let (store, _guard) = super::sqlite().await;
+                    super::cases::$case(&store).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    let Some((store, _guard)) = super::postgres().await else { return };
+                    super::cases::$case(&store).await;
+                    store.close().await;
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    migrations_are_recorded_and_idempotent,
+    tokens_are_found_by_hash_and_revocable,
+    fleet_names_are_unique_per_organization,
+    fleet_settings_change_and_seed_secrets_come_and_go,
+    devices_enrol_list_and_change_standing,
+    reported_state_facts_and_presence_are_stored,
+    releases_are_numbered_per_fleet_and_targets_resolve,
+    reports_are_applied_once_in_order,
+    seed_devices_appear_and_outcomes_are_recorded,
+    organizations_cannot_reach_each_others_rows,
+);
+
+mod cases {
+    use super::*;
+
+    async fn org(store: &Store, name: &str) -> i64 {
+        store.create_org(name).await.unwrap().id
+    }
+
+    async fn fleet(store: &Store, org_id: i64, name: &str) -> drover_hub::store::Fleet {
+        let new = NewFleet {
+            name: name.into(),
+            auto_accept: true,
+            release_key: None,
+            poll_interval_s: 60,
+        };
+        store.create_fleet(org_id, &new).await.unwrap().0
+    }
+
+    fn new_device(fleet_id: i64, key: &str, credential: &str) -> NewDevice {
+        NewDevice {
+            fleet_id,
+            device_type: "rpi4".into(),
+            status: DeviceStatus::Pending,
+            public_key: key.into(),
+            credential_hash: token_hash(credential),
+            agent_version: "0.1.0".into(),
+            facts: Facts {
+                os: "Debian 12".into(),
+                arch: "aarch64".into(),
+                tags: vec!["shop".into()],
+                ..Facts::default()
+            },
+        }
+    }
+
+    fn new_release(version: &str, device_type: Option<&str>) -> NewRelease {
+        NewRelease {
+            version: version.into(),
+            device_type: device_type.map(String::from),
+            module: Module::App,
+            sha256: "a".repeat(64),
+            size: 10,
+            format: ArtifactFormat::TarGz,
+            signature: Some("sig".into()),
+            notes: String::new(),
+        }
+    }
+
+    pub async fn migrations_are_recorded_and_idempotent(store: &Store) {
+        let latest = drover_hub::store::migrations::MIGRATIONS
+            .last()
+            .unwrap()
+            .version;
+        assert_eq!(store.schema_version().await.unwrap(), latest);
+    }
+
+    pub async fn tokens_are_found_by_hash_and_revocable(store: &Store) {
+        let org_id = org(store, "acme").await;
+        let (token, text) = store.create_api_token(org_id, "ci", "admin").await.unwrap();
+        assert!(text.starts_with("drv_o_"));
+        let found = store.api_token_by_hash(&token_hash(&text)).await.unwrap();
+        assert_eq!(found, Some(token.clone()));
+        assert_eq!(store.api_token_by_hash("nope").await.unwrap(), None);
+        let other = org(store, "other").await;
+        assert!(!store.revoke_api_token(other, token.id).await.unwrap());
+        assert!(store.revoke_api_token(org_id, token.id).await.unwrap());
+        assert_eq!(store.api_token_by_hash(&token_hash(&text)).await.unwrap(), None);
+    }
+
+    pub async fn fleet_names_are_unique_per_organization(store: &Store) {
+        let a = org(store, "a").await;
+        let b = org(store, "b").await;
+        fleet(store, a, "solar").await;
+        let dup = NewFleet {
+            name: "solar".into(),
+            auto_accept: false,
+            release_key: None,
+            poll_interval_s: 60,
+        };
+        assert!(matches!(
+            store.create_fleet(a, &dup).await,
+            Err(StoreError::Conflict(_))
+        ));
+        store.create_fleet(b, &dup).await.unwrap();
+        assert_eq!(store.list_fleets(a).await.unwrap().len(), 1);
+        assert!(matches!(
+            store.create_org("a").await,
+            Err(StoreError::Conflict(_))
+        ));
+    }
+
+    pub async fn fleet_settings_change_and_seed_secrets_come_and_go(store: &Store) {
+        let a = org(store, "a").await;
+        let (f, key) = store
+            .create_fleet(
+                a,
+                &NewFleet {
+                    name: "solar".into(),
+                    auto_accept: false,
+                    release_key: None,
+                    poll_interval_s: 60,
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            store.fleet_by_provisioning_key(&key).await.unwrap().map(|f| f.id),
+            Some(f.id)
+        );
+        let patch = FleetPatch {
+            auto_accept: Some(true),
+            poll_interval_s: Some(5),
+            config: Some(serde_json::json!({"meter": {"name": "x"}})),
+            seed_protocol: Some(true),
+            ..FleetPatch::default()
+        };
+        let updated = store.update_fleet(a, f.id, &patch).await.unwrap();
+        assert!(updated.auto_accept);
+        assert_eq!(updated.poll_interval_s, 5);
+        let secret = updated.seed_secret.clone().unwrap();
+        assert_eq!(
+            store.fleet_by_seed_secret(&secret).await.unwrap().map(|f| f.id),
+            Some(f.id)
+        );
+        let again = store
+            .update_fleet(
+                a,
+                f.id,
+                &FleetPatch {
+                    seed_protocol: Some(true),
+                    ..FleetPatch::default()
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(again.seed_secret, Some(secret.clone()), "turning on twice keeps the URL");
+        store
+            .update_fleet(
+                a,
+                f.id,
+                &FleetPatch {
+                    seed_protocol: Some(false),
+                    ..FleetPatch::default()
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(store.fleet_by_seed_secret(&secret).await.unwrap(), None);
+        let new_key = store.rotate_provisioning_key(a, f.id).await.unwrap();
+        assert_eq!(store.fleet_by_provisioning_key(&key).await.unwrap(), None);
+        assert!(store.fleet_by_provisioning_key(&new_key).await.unwrap().is_some());
+    }
+
+    pub async fn devices_enrol_list_and_change_standing(store: &Store) {
+        let a = org(store, "a").await;
+        let f = fleet(store, a, "solar").await;
+        let d1 = store
+            .create_device(a, &new_device(f.id, "k1", "c1"))
+            .await
+            .unwrap();
+        let d2 = store
+            .create_device(a, &new_device(f.id, "k2", "c2"))
+            .await
+            .unwrap();
+        assert_ne!(d1.id, d2.id);
+        assert_eq!(d1.status, DeviceStatus::Pending);
+        assert_eq!(d1.facts.tags, vec!["shop".to_string()]);
+        assert!(matches!(
+            store.create_device(a, &new_device(f.id, "k1", "c3")).await,
+            Err(StoreError::Conflict(_))
+        ));
+        let by_cred = store.device_by_credential(&token_hash("c1")).await.unwrap();
+        assert_eq!(by_cred.map(|d| d.id), Some(d1.id.clone()));
+        assert!(store.set_device_status(a, &d1.id, DeviceStatus::Accepted).await.unwrap());
+        let pending = DeviceFilter {
+            status: Some(DeviceStatus::Pending),
+            ..DeviceFilter::default()
+        };
+        let listed = store.list_devices(a, &pending).await.unwrap();
+        assert_eq!(listed.iter().map(|d| &d.id).collect::<Vec<_>>(), vec![&d2.id]);
+        assert!(store.set_device_status(a, &d2.id, DeviceStatus::Revoked).await.unwrap());
+        let revoked = store.device(a, &d2.id).await.unwrap().unwrap();
+        assert_eq!(revoked.status, DeviceStatus::Revoked);
+        store.replace_credential(&d1.id, &token_hash("c9")).await.unwrap();
+        assert_eq!(store.device_by_credential(&token_hash("c1")).await.unwrap(), None);
+        assert!(store.device_by_credential(&token_hash("c9")).await.unwrap().is_some());
+    }
+
+    pub async fn reported_state_facts_and_presence_are_stored(store: &Store) {
+        let a = org(store, "a").await;
+        let f = fleet(store, a, "solar").await;
+        let d = store
+            .create_device(a, &new_device(f.id, "k1", "c1"))
+            .await
+            .unwrap();
+        let reported = Reported {
+            current_release: Some("1.0".into()),
+            agent_version: "0.2.0".into(),
+            update: UpdateStatus {
+                phase: UpdatePhase::Held,
+                release: Some("2.0".into()),
+                failures: 3,
+                message: Some("update.sh exited 1".into()),
+            },
+        };
+        store.record_reported(&d.id, &reported).await.unwrap();
+        let facts = Facts {
+            os: "Debian 13".into(),
+            ip: Some("192.168.1.7".into()),
+            ..Facts::default()
+        };
+        store.record_facts(&d.id, &facts).await.unwrap();
+        let presence = |at, ip: Option<&str>| Presence {
+            at,
+            remote_ip: ip.map(String::from),
+            uptime_s: Some(77),
+        };
+        store
+            .flush_presence(&[(d.id.clone(), presence(2_000, Some("10.0.0.1")))])
+            .await
+            .unwrap();
+        // An older time arriving later (from another replica, say) never moves last_seen back.
+        store
+            .flush_presence(&[(d.id.clone(), presence(1_000, None))])
+            .await
+            .unwrap();
+        let got = store.device(a, &d.id).await.unwrap().unwrap();
+        assert_eq!(got.current_release.as_deref(), Some("1.0"));
+        assert_eq!(got.update, reported.update);
+        assert_eq!(got.facts.os, "Debian 13");
+        assert_eq!(got.facts.ip.as_deref(), Some("192.168.1.7"));
+        assert_eq!(got.facts.uptime_s, 77);
+        assert_eq!(got.last_seen, Some(2_000));
+        assert_eq!(got.remote_ip.as_deref(), Some("10.0.0.1"));
+        let config = serde_json::json!({"x": 1});
+        assert!(store.set_device_config(a, &d.id, &config).await.unwrap());
+        assert!(store.bump_retry_generation(a, &d.id).await.unwrap());
+        let got = store.device(a, &d.id).await.unwrap().unwrap();
+        assert_eq!(got.config, config);
+        assert_eq!(got.retry_generation, 1);
+        assert!(got.retry_requested_at.is_some());
+    }
+
+    pub async fn releases_are_numbered_per_fleet_and_targets_resolve(store: &Store) {
+        let a = org(store, "a").await;
+        let f = fleet(store, a, "solar").await;
+        let g = fleet(store, a, "wind").await;
+        let r1 = store.create_release(a, f.id, &new_release("1.0", None)).await.unwrap();
+        let r2 = store
+            .create_release(a, f.id, &new_release("2.0", Some("rpi4")))
+            .await
+            .unwrap();
+        let w1 = store.create_release(a, g.id, &new_release("1.0", None)).await.unwrap();
+        assert_eq!((r1.seq, r2.seq, w1.seq), (1, 2, 1));
+        assert!(matches!(
+            store.create_release(a, f.id, &new_release("1.0", None)).await,
+            Err(StoreError::Conflict(_))
+        ));
+        assert_eq!(store.release_by_seq(a, f.id, 2).await.unwrap(), Some(r2.clone()));
+        assert_eq!(
+            store.list_releases(a, f.id).await.unwrap().iter().map(|r| r.seq).collect::<Vec<_>>(),
+            vec![2, 1]
+        );
+        assert!(store.fleet_has_artifact(a, f.id, &"a".repeat(64)).await.unwrap());
+        assert!(!store.fleet_has_artifact(a, f.id, &"b".repeat(64)).await.unwrap());
+
+        store.set_fleet_target(a, &r1).await.unwrap();
+        assert_eq!(store.target_for(a, f.id, "rpi3").await.unwrap(), Some(r1.clone()));
+        store.set_fleet_target(a, &r2).await.unwrap();
+        assert_eq!(store.target_for(a, f.id, "rpi4").await.unwrap(), Some(r2.clone()));
+        assert_eq!(store.target_for(a, f.id, "rpi3").await.unwrap(), Some(r1.clone()));
+        let f_now = store.fleet_by_id(a, f.id).await.unwrap().unwrap();
+        assert_eq!(f_now.deploy_generation, 2);
+
+        let err = store
+            .update_fleet(
+                a,
+                f.id,
+                &FleetPatch {
+                    next_release_seq: Some(2),
+                    ..FleetPatch::default()
+                },
+            )
+            .await;
+        assert!(matches!(err, Err(StoreError::Conflict(_))));
+        store
+            .update_fleet(
+                a,
+                f.id,
+                &FleetPatch {
+                    next_release_seq: Some(27),
+                    ..FleetPatch::default()
+                },
+            )
+            .await
+            .unwrap();
+        let r27 = store.create_release(a, f.id, &new_release("3.0", None)).await.unwrap();
+        assert_eq!(r27.seq, 27);
+        store
+            .record_artifact(a, &"c".repeat(64), 5, Some(ArtifactFormat::Zip))
+            .await
+            .unwrap();
+        assert_eq!(
+            store.org_artifact(a, &"c".repeat(64)).await.unwrap(),
+            Some((5, Some(ArtifactFormat::Zip)))
+        );
+    }
+
+    fn report(seq: u64, release: &str, attempt: u32, state: ReportState) -> UpdateReport {
+        UpdateReport {
+            seq,
+            at_ms: 1_000 + i64::try_from(seq).unwrap(),
+            release: release.into(),
+            attempt,
+            state,
+            message: Some(format!("step {seq}")),
+            output: (state == ReportState::Failure).then(|| "boom".to_string()),
+        }
+    }
+
+    pub async fn reports_are_applied_once_in_order(store: &Store) {
+        let a = org(store, "a").await;
+        let f = fleet(store, a, "solar").await;
+        let d = store
+            .create_device(a, &new_device(f.id, "k1", "c1"))
+            .await
+            .unwrap();
+        let batch = vec![
+            report(1, "2.0", 1, ReportState::Downloading),
+            report(2, "2.0", 1, ReportState::Installing),
+            report(3, "2.0", 1, ReportState::Failure),
+        ];
+        assert_eq!(store.apply_reports(a, &d.id, &batch).await.unwrap(), 3);
+        // The same batch again (its answer was lost) changes nothing.
+        assert_eq!(store.apply_reports(a, &d.id, &batch).await.unwrap(), 3);
+        let more = vec![
+            report(3, "2.0", 1, ReportState::Failure),
+            report(4, "2.0", 2, ReportState::Success),
+        ];
+        assert_eq!(store.apply_reports(a, &d.id, &more).await.unwrap(), 4);
+        let attempts = store.list_attempts(a, &d.id, 10).await.unwrap();
+        assert_eq!(attempts.len(), 2);
+        assert_eq!(attempts[0].attempt, 2);
+        assert_eq!(attempts[0].state, "success");
+        assert_eq!(attempts[1].state, "failure");
+        assert_eq!(attempts[1].output.as_deref(), Some("boom"));
+        assert_eq!(
+            attempts[1].events.iter().map(|e| e.state.as_str()).collect::<Vec<_>>(),
+            vec!["downloading", "installing", "failure"]
+        );
+        let (failures, last) = store.failures_since(a, &d.id, "2.0", 0).await.unwrap();
+        assert_eq!(failures, 1);
+        assert!(last.is_some());
+    }
+
+    pub async fn seed_devices_appear_and_outcomes_are_recorded(store: &Store) {
+        let a = org(store, "a").await;
+        let f = fleet(store, a, "solar").await;
+        let g = fleet(store, a, "wind").await;
+        let poll = SeedCheckin {
+            device_id: DeviceId::parse("abcdefghjk").unwrap(),
+            updater_version: "v1.8.1".into(),
+            snapshot: 26,
+            current_release: None,
+            remote_ip: Some("203.0.113.9".into()),
+        };
+        let d = store.seed_checkin(a, f.id, false, &poll).await.unwrap();
+        assert_eq!(d.status, DeviceStatus::Pending);
+        assert_eq!(d.protocol, "seed");
+        assert_eq!(d.seed_snapshot, Some(26));
+        let again = store.seed_checkin(a, f.id, true, &poll).await.unwrap();
+        assert_eq!(again.status, DeviceStatus::Pending, "the first answer sticks");
+        assert!(matches!(
+            store.seed_checkin(a, g.id, true, &poll).await,
+            Err(StoreError::Conflict(_))
+        ));
+        store
+            .record_seed_outcome(a, &d.id, "3.0", false, "npm ERR!")
+            .await
+            .unwrap();
+        store.record_seed_outcome(a, &d.id, "3.0", true, "ok").await.unwrap();
+        let attempts = store.list_attempts(a, &d.id, 10).await.unwrap();
+        assert_eq!(
+            attempts.iter().map(|t| (t.attempt, t.state.as_str())).collect::<Vec<_>>(),
+            vec![(2, "success"), (1, "failure")]
+        );
+        let got = store.device(a, &d.id).await.unwrap().unwrap();
+        assert_eq!(got.current_release.as_deref(), Some("3.0"));
+    }
+
+    pub async fn organizations_cannot_reach_each_others_rows(store: &Store) {
+        let a = org(store, "a").await;
+        let b = org(store, "b").await;
+        let f = fleet(store, a, "solar").await;
+        let d = store
+            .create_device(a, &new_device(f.id, "k1", "c1"))
+            .await
+            .unwrap();
+        let r = store.create_release(a, f.id, &new_release("1.0", None)).await.unwrap();
+        assert_eq!(store.fleet_by_id(b, f.id).await.unwrap(), None);
+        assert_eq!(store.fleet_by_name(b, "solar").await.unwrap(), None);
+        assert_eq!(store.device(b, &d.id).await.unwrap(), None);
+        assert!(store.list_devices(b, &DeviceFilter::default()).await.unwrap().is_empty());
+        assert_eq!(store.release_by_id(b, r.id).await.unwrap(), None);
+        assert!(store.list_releases(b, f.id).await.unwrap().is_empty());
+        assert!(!store.set_device_status(b, &d.id, DeviceStatus::Revoked).await.unwrap());
+        assert!(!store.set_device_config(b, &d.id, &serde_json::json!({})).await.unwrap());
+        assert!(store.list_attempts(b, &d.id, 10).await.unwrap().is_empty());
+        assert!(store.apply_reports(b, &d.id, &[]).await.is_err());
+        assert_eq!(store.org_artifact(b, &"a".repeat(64)).await.unwrap(), None);
+        let still = store.device(a, &d.id).await.unwrap().unwrap();
+        assert_eq!(still.status, DeviceStatus::Pending);
+    }
+}
