@@ -143,7 +143,10 @@ impl Agent {
     }
 
     async fn run(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let device = self.enrolment.as_ref().map(|e| e.device.device_id.to_string());
+        let device = self
+            .enrolment
+            .as_ref()
+            .map(|e| e.device.device_id.to_string());
         tracing::info!(device = ?device, state_dir = %self.paths.root().display(), "drover-agent starting");
         self.reconcile_app_link()
             .context("reconciling the app's current symlink with state.json")?;
@@ -220,7 +223,9 @@ impl Agent {
             }
             Err(PollError::Pending) => {
                 if !self.pending_logged {
-                    tracing::info!("waiting for an operator to accept this device (drover device accept)");
+                    tracing::info!(
+                        "waiting for an operator to accept this device (drover device accept)"
+                    );
                     self.pending_logged = true;
                 }
                 (self.normal_interval(), poll.min_interval)
@@ -303,7 +308,14 @@ impl Agent {
             return Ok(enrolment.clone());
         }
         let facts = facts::collect(&self.config);
-        let result = identity::enroll(&self.client, &self.config, &self.paths, &self.identity, facts).await;
+        let result = identity::enroll(
+            &self.client,
+            &self.config,
+            &self.paths,
+            &self.identity,
+            facts,
+        )
+        .await;
         match result {
             Ok((enrolment, status)) => {
                 self.enrolment = Some(enrolment.clone());
@@ -313,7 +325,8 @@ impl Agent {
                 Ok(enrolment)
             }
             Err(IdentityError::Hub(e))
-                if e.status() == Some(StatusCode::FORBIDDEN) && e.code() == Some("device_revoked") =>
+                if e.status() == Some(StatusCode::FORBIDDEN)
+                    && e.code() == Some("device_revoked") =>
             {
                 Err(PollError::Revoked)
             }
@@ -355,7 +368,15 @@ impl Agent {
         self.release_key_refreshed = true;
         tracing::info!("no release key known yet; enrolling again to fetch the fleet's");
         let facts = facts::collect(&self.config);
-        match identity::enroll(&self.client, &self.config, &self.paths, &self.identity, facts).await {
+        match identity::enroll(
+            &self.client,
+            &self.config,
+            &self.paths,
+            &self.identity,
+            facts,
+        )
+        .await
+        {
             Ok((enrolment, _)) => self.enrolment = Some(enrolment),
             Err(e) => tracing::warn!(error = %e, "could not fetch the release key"),
         }
@@ -436,7 +457,9 @@ impl Agent {
                     return;
                 }
                 Plan::Discard => {
-                    tracing::info!("the release being downloaded is no longer the target; dropping it");
+                    tracing::info!(
+                        "the release being downloaded is no longer the target; dropping it"
+                    );
                     if let Err(e) = self.store().update(|s| s.attempt = None) {
                         tracing::error!(error = %e, "cannot update state.json");
                         return;
@@ -574,3 +597,7 @@ impl Agent {
         })
     }
 }
+
+#[cfg(test)]
+#[path = "agent_tests.rs"]
+mod tests;

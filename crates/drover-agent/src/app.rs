@@ -101,7 +101,12 @@ pub fn current_release(layout: &AppLayout) -> Result<Option<String>, FileError> 
     let link = layout.current_link();
     let target = match fs::read_link(&link) {
         Ok(target) => target,
-        Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::InvalidInput) => {
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::InvalidInput
+            ) =>
+        {
             return Ok(None);
         }
         Err(e) => return Err(FileError::new("reading the symlink", &link, e)),
@@ -258,7 +263,10 @@ impl Hooks {
         let mut checks = 0u32;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let timeout = self.config.command_timeout.min(left.max(Duration::from_secs(1)));
+            let timeout = self
+                .config
+                .command_timeout
+                .min(left.max(Duration::from_secs(1)));
             let mut result = self
                 .run_with_timeout(Hook::Health, Some(release), dir, timeout, cancel)
                 .await?;
@@ -292,7 +300,10 @@ mod tests {
 
     fn release_archive(dir: &Path, name: &str, marker: &str) -> PathBuf {
         let path = dir.join(format!("{name}.tar.gz"));
-        write_tar_gz(&path, &[Entry::File("version.txt", marker.as_bytes(), 0o644)]);
+        write_tar_gz(
+            &path,
+            &[Entry::File("version.txt", marker.as_bytes(), 0o644)],
+        );
         path
     }
 
@@ -327,7 +338,11 @@ mod tests {
         std::os::unix::fs::symlink("releases/.3.partial", layout.current_link()).unwrap();
         assert_eq!(current_release(&layout).unwrap(), None);
         point_current(&layout, Some("4")).unwrap();
-        assert_eq!(current_release(&layout).unwrap(), None, "4 was never unpacked");
+        assert_eq!(
+            current_release(&layout).unwrap(),
+            None,
+            "4 was never unpacked"
+        );
     }
 
     #[test]
@@ -352,7 +367,10 @@ mod tests {
             config: AppConfig {
                 root: None,
                 stop: Some("echo stop $DROVER_RELEASE >> ../../log".into()),
-                start: Some("echo start $DROVER_RELEASE $(basename $DROVER_RELEASE_DIR) >> ../../log".into()),
+                start: Some(
+                    "echo start $DROVER_RELEASE $(basename $DROVER_RELEASE_DIR) >> ../../log"
+                        .into(),
+                ),
                 health: health.map(str::to_string),
                 health_window: Duration::from_millis(600),
                 health_interval: Duration::from_millis(50),
@@ -385,7 +403,10 @@ mod tests {
             fs::read_to_string(dir.path().join("log")).unwrap(),
             "start 1 1\nstop 1\n"
         );
-        let health = hooks.health("1", &layout.release_dir("1"), &cancel).await.unwrap();
+        let health = hooks
+            .health("1", &layout.release_dir("1"), &cancel)
+            .await
+            .unwrap();
         assert!(health.ok, "no health command means healthy");
     }
 
@@ -416,6 +437,10 @@ mod tests {
         assert!(!result.ok);
         assert!(!result.cancelled);
         assert_eq!(result.output, "not yet\n");
-        assert!(result.message.contains("did not pass within 600ms"), "{}", result.message);
+        assert!(
+            result.message.contains("did not pass within 600ms"),
+            "{}",
+            result.message
+        );
     }
 }

@@ -105,12 +105,16 @@ fn unpack_tar_gz(archive: &Path, dest: &Path) -> Result<(), ArchiveError> {
         }
         // `unpack_in` checks again that the entry lands inside `dest` after resolving any
         // symlinked parent directories.
-        let unpacked = entry.unpack_in(dest).map_err(|source| ArchiveError::Unpack {
-            entry: name.clone(),
-            source,
-        })?;
+        let unpacked = entry
+            .unpack_in(dest)
+            .map_err(|source| ArchiveError::Unpack {
+                entry: name.clone(),
+                source,
+            })?;
         if !unpacked {
-            return Err(unsafe_entry("would be written outside the release directory"));
+            return Err(unsafe_entry(
+                "would be written outside the release directory",
+            ));
         }
     }
     Ok(())
@@ -130,7 +134,9 @@ fn unpack_zip(archive: &Path, dest: &Path) -> Result<(), ArchiveError> {
         };
         let rel = safe_relative(Path::new(&name)).map_err(unsafe_entry)?;
         if entry.enclosed_name().is_none() {
-            return Err(unsafe_entry("would be written outside the release directory"));
+            return Err(unsafe_entry(
+                "would be written outside the release directory",
+            ));
         }
         if rel.as_os_str().is_empty() {
             continue;
@@ -169,7 +175,8 @@ fn unpack_zip(archive: &Path, dest: &Path) -> Result<(), ArchiveError> {
             .mode(mode)
             .open(&path)
             .map_err(unpack_error)?;
-        io::copy(&mut entry, &mut out).map_err(|e| ArchiveError::Corrupt(format!("{name}: {e}")))?;
+        io::copy(&mut entry, &mut out)
+            .map_err(|e| ArchiveError::Corrupt(format!("{name}: {e}")))?;
         // The process umask may have cleared bits the release needs (an executable start script).
         out.set_permissions(fs::Permissions::from_mode(mode))
             .map_err(unpack_error)?;
@@ -274,7 +281,10 @@ mod tests {
         let mode = fs::metadata(&run).unwrap().permissions().mode();
         assert_eq!(mode & 0o111, 0o111, "executable bit kept: {mode:o}");
         assert_eq!(fs::read(dest.join("app/link")).unwrap(), b"x=1\n");
-        assert_eq!(fs::read(dest.join("app/data/up")).unwrap(), b"#!/bin/sh\necho run\n");
+        assert_eq!(
+            fs::read(dest.join("app/data/up")).unwrap(),
+            b"#!/bin/sh\necho run\n"
+        );
     }
 
     #[test]
@@ -298,11 +308,19 @@ mod tests {
         write_tar_gz(&tgz, entries);
         let dest = dir.path().join("sub/t");
         fs::create_dir(dir.path().join("sub")).unwrap();
-        errors.push(unpack(ArtifactFormat::TarGz, &tgz, &dest).unwrap_err().to_string());
+        errors.push(
+            unpack(ArtifactFormat::TarGz, &tgz, &dest)
+                .unwrap_err()
+                .to_string(),
+        );
         let zip = dir.path().join("a.zip");
         write_zip(&zip, entries);
         let dest = dir.path().join("sub/z");
-        errors.push(unpack(ArtifactFormat::Zip, &zip, &dest).unwrap_err().to_string());
+        errors.push(
+            unpack(ArtifactFormat::Zip, &zip, &dest)
+                .unwrap_err()
+                .to_string(),
+        );
         // Nothing landed beside the release directories.
         let mut beside: Vec<_> = fs::read_dir(dir.path().join("sub"))
             .unwrap()
@@ -358,7 +376,10 @@ mod tests {
         assert!(check_link(Path::new("a/b/link"), Path::new("../../../x")).is_err());
         assert!(check_link(Path::new("link"), Path::new("./x/../y")).is_ok());
         assert!(check_link(Path::new("link"), Path::new("..")).is_err());
-        assert_eq!(safe_relative(Path::new("./a/./b")).unwrap(), PathBuf::from("a/b"));
+        assert_eq!(
+            safe_relative(Path::new("./a/./b")).unwrap(),
+            PathBuf::from("a/b")
+        );
     }
 
     #[test]

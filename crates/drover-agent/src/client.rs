@@ -202,7 +202,11 @@ impl HubClient {
         body: &T,
         what: &'static str,
     ) -> Result<reqwest::Response, HubError> {
-        let mut request = self.http.post(self.url(path)).timeout(CALL_TIMEOUT).json(body);
+        let mut request = self
+            .http
+            .post(self.url(path))
+            .timeout(CALL_TIMEOUT)
+            .json(body);
         if let Some(credential) = credential {
             request = request.bearer_auth(credential);
         }
@@ -257,7 +261,8 @@ async fn json<T: DeserializeOwned>(
 
 /// A rustls config that trusts only the CA certificates in `ca_file`.
 fn tls_trusting_only(ca_file: &std::path::Path) -> Result<rustls::ClientConfig, HubError> {
-    let setup = |message: String| HubError::Setup(format!("ca_file {}: {message}", ca_file.display()));
+    let setup =
+        |message: String| HubError::Setup(format!("ca_file {}: {message}", ca_file.display()));
     let pem = std::fs::read(ca_file).map_err(|e| setup(e.to_string()))?;
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
@@ -299,7 +304,8 @@ mod tests {
             Some("https://hub.example.com:8443/drover/device/v1/artifacts/ab")
         );
         assert_eq!(
-            hub.resolve("https://hub.example.com:8443/drover/x").as_deref(),
+            hub.resolve("https://hub.example.com:8443/drover/x")
+                .as_deref(),
             Some("https://hub.example.com:8443/drover/x")
         );
         assert_eq!(hub.resolve("https://evil.example.com/x"), None);
@@ -319,7 +325,10 @@ mod tests {
             ..AgentConfig::default()
         };
         let err = HubClient::new(&config).unwrap_err().to_string();
-        assert!(err.contains("ca.pem") && err.contains("no certificate"), "{err}");
+        assert!(
+            err.contains("ca.pem") && err.contains("no certificate"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -310,7 +310,8 @@ impl AgentConfig {
     /// Checks every value. Called by [`AgentConfig::load`] and by [`crate::run`], so that a
     /// config built in code is held to the same rules as one read from a file.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |field: &'static str, message: String| ConfigError::Invalid { field, message };
+        let invalid =
+            |field: &'static str, message: String| ConfigError::Invalid { field, message };
         self.hub_base()
             .map_err(|message| invalid("hub_url", message))?;
         if self.state_dir.as_os_str().is_empty() {
@@ -355,8 +356,16 @@ impl AgentConfig {
         let poll = &self.poll;
         at_least("poll.min_interval", poll.min_interval, HARD_MIN_INTERVAL)?;
         at_least("poll.max_interval", poll.max_interval, poll.min_interval)?;
-        at_least("poll.default_interval", poll.default_interval, HARD_MIN_INTERVAL)?;
-        at_least("poll.error_backoff_max", poll.error_backoff_max, Duration::from_secs(1))?;
+        at_least(
+            "poll.default_interval",
+            poll.default_interval,
+            HARD_MIN_INTERVAL,
+        )?;
+        at_least(
+            "poll.error_backoff_max",
+            poll.error_backoff_max,
+            Duration::from_secs(1),
+        )?;
         at_least("retry.base", self.retry.base, Duration::from_millis(1))?;
         at_least("retry.max_backoff", self.retry.max_backoff, self.retry.base)?;
         if self.retry.max_failures == 0 {
@@ -365,21 +374,39 @@ impl AgentConfig {
                 message: "must be at least 1".into(),
             });
         }
-        at_least("app.health_interval", self.app.health_interval, Duration::from_millis(10))?;
-        at_least("app.command_timeout", self.app.command_timeout, Duration::from_millis(100))?;
+        at_least(
+            "app.health_interval",
+            self.app.health_interval,
+            Duration::from_millis(10),
+        )?;
+        at_least(
+            "app.command_timeout",
+            self.app.command_timeout,
+            Duration::from_millis(100),
+        )?;
         Ok(())
     }
 
     /// The hub URL without a trailing slash, after checking it is an http(s) URL without a
     /// query or fragment.
     pub(crate) fn hub_base(&self) -> Result<String, String> {
-        let url = reqwest::Url::parse(&self.hub_url)
-            .map_err(|e| format!("must be an http:// or https:// URL ({e}): {:?}", self.hub_url))?;
+        let url = reqwest::Url::parse(&self.hub_url).map_err(|e| {
+            format!(
+                "must be an http:// or https:// URL ({e}): {:?}",
+                self.hub_url
+            )
+        })?;
         if !matches!(url.scheme(), "http" | "https") {
-            return Err(format!("must start with http:// or https://: {:?}", self.hub_url));
+            return Err(format!(
+                "must start with http:// or https://: {:?}",
+                self.hub_url
+            ));
         }
         if url.query().is_some() || url.fragment().is_some() {
-            return Err(format!("must not carry a query or fragment: {:?}", self.hub_url));
+            return Err(format!(
+                "must not carry a query or fragment: {:?}",
+                self.hub_url
+            ));
         }
         Ok(self.hub_url.trim_end_matches('/').to_string())
     }

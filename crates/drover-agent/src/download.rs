@@ -74,9 +74,11 @@ pub fn check_offer(
         ));
     }
     let Some(key) = release_key else {
-        return Err("no release key is known: pin `release_key` in the agent config, or give the \
+        return Err(
+            "no release key is known: pin `release_key` in the agent config, or give the \
                     fleet a release key so that the hub hands it out at enrolment"
-            .into());
+                .into(),
+        );
     };
     offer
         .manifest()
@@ -362,7 +364,11 @@ mod tests {
     use drover_protocol::device::Module;
     use drover_protocol::signing::ReleaseSigningKey;
 
-    pub(crate) fn offer_for(bytes: &[u8], key: &ReleaseSigningKey, device_type: Option<&str>) -> ReleaseOffer {
+    pub(crate) fn offer_for(
+        bytes: &[u8],
+        key: &ReleaseSigningKey,
+        device_type: Option<&str>,
+    ) -> ReleaseOffer {
         let sha256 = drover_protocol::ids::sha256_hex(bytes);
         let mut offer = ReleaseOffer {
             version: "1.0".into(),

@@ -45,7 +45,12 @@ pub fn parse_duration(text: &str) -> Result<Duration, BadDuration> {
 /// the same value (`90s` stays `90s`, `120s` becomes `2m`).
 pub fn format_duration(duration: Duration) -> String {
     let millis = duration.as_millis();
-    for (unit, size) in [("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1_000)] {
+    for (unit, size) in [
+        ("d", 86_400_000),
+        ("h", 3_600_000),
+        ("m", 60_000),
+        ("s", 1_000),
+    ] {
         if millis != 0 && millis.is_multiple_of(size) {
             return format!("{}{unit}", millis / size);
         }
@@ -88,7 +93,16 @@ mod tests {
     #[test]
     fn refuses_what_it_would_have_to_guess() {
         for bad in [
-            "", "5", "s", "1.5h", "5 s", "-1s", "5min", "5S", "1h30m", "99999999999999999999d",
+            "",
+            "5",
+            "s",
+            "1.5h",
+            "5 s",
+            "-1s",
+            "5min",
+            "5S",
+            "1h30m",
+            "99999999999999999999d",
         ] {
             let err = parse_duration(bad).unwrap_err();
             assert!(err.to_string().contains("such as"), "{bad}: {err}");
@@ -97,7 +111,9 @@ mod tests {
 
     #[test]
     fn formats_to_text_that_parses_back() {
-        for millis in [0, 1, 500, 1_000, 90_000, 120_000, 3_600_000, 86_400_000, 1_500] {
+        for millis in [
+            0, 1, 500, 1_000, 90_000, 120_000, 3_600_000, 86_400_000, 1_500,
+        ] {
             let d = Duration::from_millis(millis);
             assert_eq!(parse_duration(&format_duration(d)), Ok(d), "{millis}");
         }

@@ -91,9 +91,13 @@ pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, FileErro
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(FileError::new("reading", path, e)),
     };
-    serde_json::from_slice(&bytes)
-        .map(Some)
-        .map_err(|e| FileError::new("parsing", path, io::Error::new(io::ErrorKind::InvalidData, e)))
+    serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+        FileError::new(
+            "parsing",
+            path,
+            io::Error::new(io::ErrorKind::InvalidData, e),
+        )
+    })
 }
 
 /// Reads a text file; `Ok(None)` when it does not exist.

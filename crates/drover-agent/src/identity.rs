@@ -35,7 +35,9 @@ pub enum IdentityError {
         reason: String,
     },
     /// The device is not enrolled and the config has no provisioning key.
-    #[error("this device is not enrolled and the agent config has no `provisioning_key` to enrol with")]
+    #[error(
+        "this device is not enrolled and the agent config has no `provisioning_key` to enrol with"
+    )]
     NoProvisioningKey,
     /// The hub refused or could not be reached.
     #[error(transparent)]
@@ -163,7 +165,10 @@ fn keep_first_release_key(stored: Option<String>, offered: Option<String>) -> Op
 }
 
 /// The key release signatures are checked with: the pinned one, or the one kept from enrolment.
-pub fn release_key(config: &AgentConfig, device: Option<&DeviceRecord>) -> Option<ReleasePublicKey> {
+pub fn release_key(
+    config: &AgentConfig,
+    device: Option<&DeviceRecord>,
+) -> Option<ReleasePublicKey> {
     let text = config
         .release_key
         .clone()
@@ -184,7 +189,10 @@ mod tests {
         let first = load_or_create_key(&paths).unwrap();
         let again = load_or_create_key(&paths).unwrap();
         assert_eq!(first.public(), again.public());
-        let mode = std::fs::metadata(paths.identity_key()).unwrap().permissions().mode();
+        let mode = std::fs::metadata(paths.identity_key())
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
         std::fs::write(paths.identity_key(), "garbage").unwrap();
         let err = load_or_create_key(&paths).unwrap_err().to_string();
@@ -195,8 +203,14 @@ mod tests {
     fn the_first_release_key_is_kept() {
         let a = ReleaseSigningKey::generate().public().to_string();
         let b = ReleaseSigningKey::generate().public().to_string();
-        assert_eq!(keep_first_release_key(None, Some(a.clone())), Some(a.clone()));
-        assert_eq!(keep_first_release_key(Some(a.clone()), Some(b)), Some(a.clone()));
+        assert_eq!(
+            keep_first_release_key(None, Some(a.clone())),
+            Some(a.clone())
+        );
+        assert_eq!(
+            keep_first_release_key(Some(a.clone()), Some(b)),
+            Some(a.clone())
+        );
         assert_eq!(keep_first_release_key(Some(a.clone()), None), Some(a));
         assert_eq!(keep_first_release_key(None, Some("junk".into())), None);
     }
@@ -215,7 +229,10 @@ mod tests {
             release_key: Some(tofu.to_string()),
         };
         assert_eq!(release_key(&config, Some(&record)), Some(pinned));
-        assert_eq!(release_key(&AgentConfig::default(), Some(&record)), Some(tofu));
+        assert_eq!(
+            release_key(&AgentConfig::default(), Some(&record)),
+            Some(tofu)
+        );
         assert_eq!(release_key(&AgentConfig::default(), None), None);
     }
 }

@@ -41,6 +41,8 @@ pub mod status;
 pub mod update;
 
 #[cfg(test)]
+mod testhub;
+#[cfg(test)]
 mod testutil;
 
 pub use agent::run;

@@ -64,8 +64,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Status { config } => {
             let config = AgentConfig::load(&config)?;
-            let status = drover_agent::status(&config.state_dir)
-                .with_context(|| format!("reading the state directory {}", config.state_dir.display()))?;
+            let status = drover_agent::status(&config.state_dir).with_context(|| {
+                format!("reading the state directory {}", config.state_dir.display())
+            })?;
             println!("{status}");
             Ok(())
         }

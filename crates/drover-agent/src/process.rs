@@ -261,7 +261,11 @@ mod tests {
     async fn captures_stdout_and_stderr_interleaved() {
         let dir = tempfile::tempdir().unwrap();
         let done = run(
-            &inv(dir.path(), "echo one; echo two >&2; echo three; exit 3", Duration::from_secs(30)),
+            &inv(
+                dir.path(),
+                "echo one; echo two >&2; echo three; exit 3",
+                Duration::from_secs(30),
+            ),
             &CancellationToken::new(),
         )
         .await
@@ -274,8 +278,14 @@ mod tests {
     #[tokio::test]
     async fn env_is_set_on_the_child_only_and_cwd_is_used() {
         let dir = tempfile::tempdir().unwrap();
-        let mut invocation = inv(dir.path(), "echo \"$DROVER_TEST_VAR\"; pwd", Duration::from_secs(30));
-        invocation.env.push(("DROVER_TEST_VAR".into(), "hello".into()));
+        let mut invocation = inv(
+            dir.path(),
+            "echo \"$DROVER_TEST_VAR\"; pwd",
+            Duration::from_secs(30),
+        );
+        invocation
+            .env
+            .push(("DROVER_TEST_VAR".into(), "hello".into()));
         let done = run(&invocation, &CancellationToken::new()).await.unwrap();
         assert!(done.success());
         let cwd = dir.path().canonicalize().unwrap();
@@ -287,10 +297,16 @@ mod tests {
     async fn a_timeout_kills_the_whole_process_group() {
         let dir = tempfile::tempdir().unwrap();
         let pid_file = dir.path().join("bg.pid");
-        let line = format!("sleep 3600 & echo $! > {}; echo started; wait", pid_file.display());
-        let done = run(&inv(dir.path(), &line, Duration::from_millis(500)), &CancellationToken::new())
-            .await
-            .unwrap();
+        let line = format!(
+            "sleep 3600 & echo $! > {}; echo started; wait",
+            pid_file.display()
+        );
+        let done = run(
+            &inv(dir.path(), &line, Duration::from_millis(500)),
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap();
         assert_eq!(done.ending, Ending::TimedOut);
         assert_eq!(done.output, "started\n");
         let pid = fs::read_to_string(&pid_file).unwrap().trim().to_string();
@@ -304,7 +320,11 @@ mod tests {
     async fn cancelling_kills_the_command() {
         let dir = tempfile::tempdir().unwrap();
         let cancel = CancellationToken::new();
-        let invocation = inv(dir.path(), "echo waiting; sleep 3600", Duration::from_secs(3600));
+        let invocation = inv(
+            dir.path(),
+            "echo waiting; sleep 3600",
+            Duration::from_secs(3600),
+        );
         let task = {
             let cancel = cancel.clone();
             tokio::spawn(async move { run(&invocation, &cancel).await })
@@ -323,9 +343,12 @@ mod tests {
     async fn huge_output_keeps_head_and_tail() {
         let dir = tempfile::tempdir().unwrap();
         let line = "echo FIRST; head -c 300000 /dev/zero | tr '\\0' x; echo; echo LAST";
-        let done = run(&inv(dir.path(), line, Duration::from_secs(30)), &CancellationToken::new())
-            .await
-            .unwrap();
+        let done = run(
+            &inv(dir.path(), line, Duration::from_secs(30)),
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap();
         assert!(done.output.len() <= MAX_OUTPUT_BYTES);
         assert!(done.output.starts_with("FIRST\n"));
         assert!(done.output.ends_with("LAST\n"));
@@ -343,7 +366,9 @@ mod tests {
             timeout: Duration::from_secs(1),
             log: dir.path().join("out.log"),
         };
-        let err = run(&invocation, &CancellationToken::new()).await.unwrap_err();
+        let err = run(&invocation, &CancellationToken::new())
+            .await
+            .unwrap_err();
         assert!(matches!(err, ProcessError::Spawn { .. }), "{err}");
     }
 }

@@ -217,7 +217,10 @@ echo oops >&2
             folder.display(),
         );
         assert_eq!(done.output, expected);
-        assert!(std::env::var("update_root").is_err(), "set on the child only");
+        assert!(
+            std::env::var("update_root").is_err(),
+            "set on the child only"
+        );
     }
 
     #[tokio::test]
@@ -226,7 +229,11 @@ echo oops >&2
         let artifact = dir.path().join("a.tar.gz");
         write_tar_gz(
             &artifact,
-            &[Entry::File("update.sh", b"#!/bin/sh\necho step 1\necho broken >&2\nexit 7\n", 0o755)],
+            &[Entry::File(
+                "update.sh",
+                b"#!/bin/sh\necho step 1\necho broken >&2\nexit 7\n",
+                0o755,
+            )],
         );
         let work = dir.path().join("work");
         fs::create_dir(&work).unwrap();
@@ -252,7 +259,10 @@ echo oops >&2
         let pid_file = dir.path().join("child.pid");
         fs::write(
             &artifact,
-            format!("#!/bin/sh\nsleep 3600 &\necho $! > {}\nwait\n", pid_file.display()),
+            format!(
+                "#!/bin/sh\nsleep 3600 &\necho $! > {}\nwait\n",
+                pid_file.display()
+            ),
         )
         .unwrap();
         let work = dir.path().join("work");
@@ -281,7 +291,10 @@ echo oops >&2
         let work = dir.path().join("work");
         fs::create_dir(&work).unwrap();
         let artifact = dir.path().join("a.tar.gz");
-        write_tar_gz(&artifact, &[Entry::File("install.sh", b"#!/bin/sh\n", 0o755)]);
+        write_tar_gz(
+            &artifact,
+            &[Entry::File("install.sh", b"#!/bin/sh\n", 0o755)],
+        );
         let err = prepare(ArtifactFormat::TarGz, &artifact, &work, "4").unwrap_err();
         assert!(err.to_string().contains("no update.sh"), "{err}");
         assert!(err.to_string().contains("install.sh"), "{err}");
@@ -291,7 +304,10 @@ echo oops >&2
             &[Entry::File("a/b/update.sh", b"#!/bin/sh\n", 0o755)],
         );
         let err = prepare(ArtifactFormat::TarGz, &artifact, &work, "5").unwrap_err();
-        assert!(err.to_string().contains("no update.sh"), "two levels down is too deep: {err}");
+        assert!(
+            err.to_string().contains("no update.sh"),
+            "two levels down is too deep: {err}"
+        );
 
         write_tar_gz(
             &artifact,
@@ -313,7 +329,10 @@ echo oops >&2
         fs::create_dir_all(&done).unwrap();
         fs::write(done.join("stale"), b"x").unwrap();
         let artifact = dir.path().join("a.tar.gz");
-        write_tar_gz(&artifact, &[Entry::File("update.sh", b"#!/bin/sh\n", 0o755)]);
+        write_tar_gz(
+            &artifact,
+            &[Entry::File("update.sh", b"#!/bin/sh\n", 0o755)],
+        );
         prepare(ArtifactFormat::TarGz, &artifact, &work, "7").unwrap();
         assert!(!partial.exists());
         assert!(!done.join("stale").exists());

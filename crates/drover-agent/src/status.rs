@@ -43,9 +43,7 @@ pub fn status(state_dir: &Path) -> Result<AgentStatus, FileError> {
         fleet: device.as_ref().map(|d| d.fleet.clone()),
         has_credential: paths.credential().exists(),
         current_release: state.current_version().map(str::to_string),
-        target_release: desired
-            .and_then(|d| d.release)
-            .map(|r| r.version),
+        target_release: desired.and_then(|d| d.release).map(|r| r.version),
         update: state.status(now_ms()),
         step: state.attempt.as_ref().map(|a| {
             serde_json::to_value(&a.step)
@@ -65,7 +63,11 @@ impl fmt::Display for AgentStatus {
             (Some(_), false) => "enrolled, credential missing (will enrol again)",
             (None, _) => "not enrolled",
         };
-        writeln!(f, "device:           {} ({enrolled})", or_none(&self.device_id))?;
+        writeln!(
+            f,
+            "device:           {} ({enrolled})",
+            or_none(&self.device_id)
+        )?;
         writeln!(f, "fleet:            {}", or_none(&self.fleet))?;
         writeln!(f, "current release:  {}", or_none(&self.current_release))?;
         writeln!(f, "target release:   {}", or_none(&self.target_release))?;

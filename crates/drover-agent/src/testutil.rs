@@ -1,7 +1,6 @@
 //! Helpers shared by the unit tests: waiting on conditions (never on fixed sleeps), and small
 //! archive builders.
 
-use std::future::Future;
 use std::io::Write as _;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -18,25 +17,15 @@ pub async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
     }
 }
 
-/// Like [`wait_until`] for an async condition.
-pub async fn wait_until_async<F, Fut>(what: &str, mut condition: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + PATIENCE;
-    while !condition().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// Whether a process exists and is not a zombie.
 pub fn process_alive(pid: &str) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Err(_) => false,
         Ok(stat) => {
-            let state = stat.rsplit(')').next().and_then(|rest| rest.trim().chars().next());
+            let state = stat
+                .rsplit(')')
+                .next()
+                .and_then(|rest| rest.trim().chars().next());
             state != Some('Z')
         }
     }
@@ -85,7 +74,13 @@ pub fn write_tar_gz(path: &Path, entries: &[Entry<'_>]) {
         header.set_cksum();
         builder.append(&header, data).unwrap();
     }
-    builder.into_inner().unwrap().finish().unwrap().flush().unwrap();
+    builder
+        .into_inner()
+        .unwrap()
+        .finish()
+        .unwrap()
+        .flush()
+        .unwrap();
 }
 
 fn set_raw(field: &mut [u8], text: &str) {

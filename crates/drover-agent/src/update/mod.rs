@@ -10,6 +10,9 @@
 pub mod runner;
 pub mod state;
 
+#[cfg(test)]
+mod runner_tests;
+
 use drover_protocol::device::DesiredState;
 
 use crate::update::state::{Attempt, Step, UpdateState};
@@ -160,7 +163,11 @@ mod tests {
             ..UpdateState::default()
         };
         assert_eq!(plan(&state, Some(&desired(Some("2"))), 0), Plan::Resume);
-        assert_eq!(plan(&state, None, 0), Plan::Resume, "offline after a restart");
+        assert_eq!(
+            plan(&state, None, 0),
+            Plan::Resume,
+            "offline after a restart"
+        );
         assert_eq!(plan(&state, Some(&desired(Some("3"))), 0), Plan::Discard);
         assert_eq!(plan(&state, Some(&desired(None)), 0), Plan::Discard);
         // Once installing has begun, the attempt is finished whatever the hub now wants.

@@ -28,15 +28,15 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::{self, AppLayout, Hook, Hooks};
+use crate::client::HubClient;
 use crate::config::AgentConfig;
 use crate::crash::{CrashPoint, CrashPoints};
 use crate::download::{self, DownloadError, Downloader};
 use crate::fsutil::{self, FileError};
 use crate::layout::StateDir;
 use crate::outbox::{Outbox, ReportDraft, now_ms};
-use crate::script::{self, ScriptEnv};
-use crate::client::HubClient;
 use crate::schedule;
+use crate::script::{self, ScriptEnv};
 use crate::update::state::{Attempt, FailureRecord, Installed, Outcome, StateStore, Step};
 
 /// Everything the update task needs. Cheap to clone.
@@ -128,7 +128,10 @@ impl Context {
             message,
             output: output.filter(|o| !o.is_empty()),
         };
-        self.outbox.lock().unwrap_or_else(|e| e.into_inner()).push(draft)?;
+        self.outbox
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(draft)?;
         self.outbox_changed.notify_one();
         Ok(())
     }
@@ -233,7 +236,8 @@ fn enter(ctx: &Context, attempt: &mut Attempt, step: Step) -> Result<(), FileErr
                 s.failures = Some(FailureRecord {
                     release: version,
                     failures,
-                    retry_at_ms: now.saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)),
+                    retry_at_ms: now
+                        .saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)),
                     held: schedule::is_held(failures, &retry),
                     last_error: message.clone(),
                 });
@@ -329,7 +333,8 @@ async fn unpack(ctx: &Context, attempt: &mut Attempt) -> Result<Next, UpdateErro
         Module::Script => {
             let work = ctx.paths.work_dir();
             let version = offer.version.clone();
-            let prepared = blocking(move || script::prepare(format, &verified, &work, &version)).await?;
+            let prepared =
+                blocking(move || script::prepare(format, &verified, &work, &version)).await?;
             if let Err(e) = prepared {
                 return Ok(failed(e.to_string(), ""));
             }
@@ -346,7 +351,9 @@ async fn unpack(ctx: &Context, attempt: &mut Attempt) -> Result<Next, UpdateErro
             let layout = ctx.layout();
             let version = offer.version.clone();
             let job_layout = layout.clone();
-            let unpacked = blocking(move || app::unpack_release(&job_layout, format, &verified, &version)).await?;
+            let unpacked =
+                blocking(move || app::unpack_release(&job_layout, format, &verified, &version))
+                    .await?;
             if let Err(e) = unpacked {
                 return Ok(failed(e.to_string(), ""));
             }
@@ -396,7 +403,10 @@ async fn stop_old(ctx: &Context, attempt: &Attempt) -> Result<Next, UpdateError>
     let layout = ctx.layout();
     let old = attempt.old_app.as_deref();
     let dir = old.map_or_else(|| layout.root().to_path_buf(), |v| layout.release_dir(v));
-    let result = ctx.hooks(attempt).run(Hook::Stop, old, &dir, &ctx.cancel).await;
+    let result = ctx
+        .hooks(attempt)
+        .run(Hook::Stop, old, &dir, &ctx.cancel)
+        .await;
     match result {
         Ok(r) if r.cancelled => return Ok(Next::Cancelled),
         Ok(r) if !r.ok => {
@@ -421,7 +431,11 @@ fn swap(ctx: &Context, attempt: &Attempt) -> Next {
 async fn start_new(ctx: &Context, attempt: &Attempt) -> Result<Next, UpdateError> {
     let version = &attempt.offer.version;
     let dir = ctx.layout().release_dir(version);
-    match ctx.hooks(attempt).run(Hook::Start, Some(version), &dir, &ctx.cancel).await {
+    match ctx
+        .hooks(attempt)
+        .run(Hook::Start, Some(version), &dir, &ctx.cancel)
+        .await
+    {
         Ok(r) if r.cancelled => Ok(Next::Cancelled),
         Ok(r) if !r.ok => Ok(rolling_back(r.message, r.output)),
         Ok(_) => {
@@ -457,7 +471,12 @@ async fn roll_back(
     tracing::warn!(release = %version, why = %message, "rolling back");
     let mut notes = Vec::new();
     let stopped = hooks
-        .run(Hook::Stop, Some(version), &layout.release_dir(version), &ctx.cancel)
+        .run(
+            Hook::Stop,
+            Some(version),
+            &layout.release_dir(version),
+            &ctx.cancel,
+        )
         .await;
     match stopped {
         Ok(r) if r.cancelled => return Ok(Next::Cancelled),
@@ -473,7 +492,12 @@ async fn roll_back(
     app::point_current(&layout, old)?;
     if let Some(old) = old {
         let started = hooks
-            .run(Hook::Start, Some(old), &layout.release_dir(old), &ctx.cancel)
+            .run(
+                Hook::Start,
+                Some(old),
+                &layout.release_dir(old),
+                &ctx.cancel,
+            )
             .await;
         match started {
             Ok(r) if r.cancelled => return Ok(Next::Cancelled),
@@ -585,4 +609,3 @@ async fn blocking<T: Send + 'static>(
         .await
         .map_err(|e| UpdateError::Panicked(e.to_string()))
 }
-

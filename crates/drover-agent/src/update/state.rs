@@ -7,9 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-use drover_protocol::device::{
-    DesiredState, Module, ReleaseOffer, UpdatePhase, UpdateStatus,
-};
+use drover_protocol::device::{DesiredState, Module, ReleaseOffer, UpdatePhase, UpdateStatus};
 use serde::{Deserialize, Serialize};
 
 use crate::fsutil::{self, FileError};
@@ -219,7 +217,10 @@ impl StateStore {
 
     /// Changes the state and persists it; the in-memory copy changes only if the write
     /// succeeded.
-    pub fn update<R>(&mut self, change: impl FnOnce(&mut UpdateState) -> R) -> Result<R, FileError> {
+    pub fn update<R>(
+        &mut self,
+        change: impl FnOnce(&mut UpdateState) -> R,
+    ) -> Result<R, FileError> {
         let mut next = self.state.clone();
         let result = change(&mut next);
         if next != self.state {
@@ -272,7 +273,10 @@ mod tests {
         assert_eq!(status.phase, UpdatePhase::Held);
         assert_eq!(status.release.as_deref(), Some("2.0"));
         assert_eq!(status.failures, 3);
-        assert_eq!(status.message.as_deref(), Some("update.sh exited with code 1"));
+        assert_eq!(
+            status.message.as_deref(),
+            Some("update.sh exited with code 1")
+        );
         let backing_off = UpdateState {
             failures: Some(record("2.0", false, 5_000)),
             ..UpdateState::default()
@@ -289,7 +293,10 @@ mod tests {
             ..UpdateState::default()
         };
         state.apply_desired(&desired(Some("2.0"), 1));
-        assert!(state.failures.is_some(), "same target, same generation: still held");
+        assert!(
+            state.failures.is_some(),
+            "same target, same generation: still held"
+        );
         state.apply_desired(&desired(Some("2.0"), 2));
         assert!(state.failures.is_none());
         assert_eq!(state.retry_generation, 2);
