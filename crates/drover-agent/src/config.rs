@@ -42,6 +42,10 @@ pub const SCRIPT_TIMEOUT_RANGE: (Duration, Duration) =
 pub const DEFAULT_HEALTH_WINDOW: Duration = Duration::from_secs(60);
 /// How often the health check runs within the window.
 pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(2);
+/// The most tags, and the most attributes, a device may report.
+pub const MAX_TAGS: usize = 64;
+/// The longest attribute value a device may report.
+pub const MAX_ATTRIBUTE_BYTES: usize = 256;
 /// How long a stop, start or health command may run.
 pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(5 * 60);
 
@@ -327,6 +331,23 @@ impl AgentConfig {
             && key.expose().trim().is_empty()
         {
             return Err(invalid("provisioning_key", "is empty".into()));
+        }
+        // The hub's limits for reported facts.
+        if self.tags.len() > MAX_TAGS || self.attributes.len() > MAX_TAGS {
+            return Err(invalid(
+                "tags",
+                format!("and attributes are limited to {MAX_TAGS} each"),
+            ));
+        }
+        if let Some((name, _)) = self
+            .attributes
+            .iter()
+            .find(|(_, v)| v.len() > MAX_ATTRIBUTE_BYTES)
+        {
+            return Err(invalid(
+                "attributes",
+                format!("values are limited to {MAX_ATTRIBUTE_BYTES} bytes ({name:?} is longer)"),
+            ));
         }
         for tag in &self.tags {
             drover_protocol::validate::tag(tag).map_err(|e| invalid("tags", e.to_string()))?;

@@ -15,13 +15,15 @@ pub const RESEND_AFTER: Duration = Duration::from_secs(3600);
 /// Reads the facts now.
 pub fn collect(config: &AgentConfig) -> Facts {
     Facts {
-        os: os_name(&std::fs::read_to_string("/etc/os-release").unwrap_or_default()),
+        os: cap(os_name(
+            &std::fs::read_to_string("/etc/os-release").unwrap_or_default(),
+        )),
         arch: std::env::consts::ARCH.to_string(),
         ip: primary_ip().map(|ip| ip.to_string()),
         uptime_s: uptime(&std::fs::read_to_string("/proc/uptime").unwrap_or_default()),
-        hostname: std::fs::read_to_string("/proc/sys/kernel/hostname")
+        hostname: cap(std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_string())
-            .unwrap_or_default(),
+            .unwrap_or_default()),
         tags: config.tags.clone(),
         attributes: config.attributes.clone(),
     }
@@ -59,6 +61,19 @@ fn same_ignoring_uptime(a: &Facts, b: &Facts) -> bool {
         uptime_s: 0,
         ..b.clone()
     }
+}
+
+/// The hub refuses fact values over 256 bytes (and with them the whole check-in).
+fn cap(mut value: String) -> String {
+    const MAX: usize = 256;
+    if value.len() > MAX {
+        let mut end = MAX;
+        while !value.is_char_boundary(end) {
+            end -= 1;
+        }
+        value.truncate(end);
+    }
+    value
 }
 
 /// `PRETTY_NAME` from /etc/os-release, unquoted.
@@ -101,6 +116,7 @@ mod tests {
         assert_eq!(os_name(""), "");
         assert_eq!(uptime("12345.67 54321.00\n"), 12345);
         assert_eq!(uptime("garbage"), 0);
+        assert_eq!(cap("é".repeat(200)).len(), 256);
     }
 
     #[test]

@@ -16,6 +16,9 @@ use crate::fsutil::{self, Context as _, FileError};
 
 const COUNTER_FILE: &str = "next-seq";
 
+/// The longest report message (and check-in update message) the hub accepts, in bytes.
+pub const MAX_MESSAGE_BYTES: usize = 4096;
+
 /// A report before it has a sequence number.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReportDraft {
@@ -69,7 +72,9 @@ impl Outbox {
             release: draft.release,
             attempt: draft.attempt,
             state: draft.state,
-            message: draft.message,
+            message: draft
+                .message
+                .map(|m| truncate_output(&m, MAX_MESSAGE_BYTES)),
             output: draft
                 .output
                 .map(|o| truncate_output(&o, drover_protocol::MAX_OUTPUT_BYTES)),
@@ -241,11 +246,13 @@ mod tests {
         let mut outbox = Outbox::open(dir.path()).unwrap();
         let mut big = draft("1.0", ReportState::Failure);
         big.output = Some("x".repeat(drover_protocol::MAX_OUTPUT_BYTES * 2));
+        big.message = Some("m".repeat(MAX_MESSAGE_BYTES + 1));
         outbox.push(big).unwrap();
         fs::write(file_for(dir.path(), 7), b"{torn").unwrap();
         let pending = outbox.pending(10).unwrap();
         assert_eq!(pending.len(), 1);
         assert!(pending[0].output.as_ref().unwrap().len() <= drover_protocol::MAX_OUTPUT_BYTES);
+        assert!(pending[0].message.as_ref().unwrap().len() <= MAX_MESSAGE_BYTES);
         assert!(!file_for(dir.path(), 7).exists());
     }
 }

@@ -22,7 +22,7 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use drover_protocol::artifact::ArtifactFormat;
-use drover_protocol::device::{Module, ReportState};
+use drover_protocol::device::{Module, ReportState, truncate_output};
 use drover_protocol::signing::ReleasePublicKey;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -34,7 +34,7 @@ use crate::crash::{CrashPoint, CrashPoints};
 use crate::download::{self, DownloadError, Downloader};
 use crate::fsutil::{self, FileError};
 use crate::layout::StateDir;
-use crate::outbox::{Outbox, ReportDraft, now_ms};
+use crate::outbox::{MAX_MESSAGE_BYTES, Outbox, ReportDraft, now_ms};
 use crate::schedule;
 use crate::script::{self, ScriptEnv};
 use crate::update::state::{Attempt, FailureRecord, Installed, Outcome, StateStore, Step};
@@ -239,7 +239,7 @@ fn enter(ctx: &Context, attempt: &mut Attempt, step: Step) -> Result<(), FileErr
                     retry_at_ms: now
                         .saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)),
                     held: schedule::is_held(failures, &retry),
-                    last_error: message.clone(),
+                    last_error: truncate_output(message, MAX_MESSAGE_BYTES),
                 });
             }
         }
@@ -463,7 +463,7 @@ async fn roll_back(
     ctx: &Context,
     attempt: &Attempt,
     message: String,
-    output: String,
+    mut output: String,
 ) -> Result<Next, UpdateError> {
     let layout = ctx.layout();
     let hooks = ctx.hooks(attempt);
@@ -501,10 +501,16 @@ async fn roll_back(
             .await;
         match started {
             Ok(r) if r.cancelled => return Ok(Next::Cancelled),
-            Ok(r) if !r.ok => notes.push(format!(
-                "starting the previous release {old}: {}; its output: {}",
-                r.message, r.output
-            )),
+            Ok(r) if !r.ok => {
+                notes.push(format!(
+                    "starting the previous release {old}: {}",
+                    r.message
+                ));
+                output.push_str(&format!(
+                    "\n--- output of the start command of the previous release {old} ---\n{}",
+                    r.output
+                ));
+            }
             Ok(_) => {}
             Err(e) => notes.push(format!("starting the previous release {old}: {e}")),
         }
