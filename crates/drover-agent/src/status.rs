@@ -45,12 +45,7 @@ pub fn status(state_dir: &Path) -> Result<AgentStatus, FileError> {
         current_release: state.current_version().map(str::to_string),
         target_release: desired.and_then(|d| d.release).map(|r| r.version),
         update: state.status(now_ms()),
-        step: state.attempt.as_ref().map(|a| {
-            serde_json::to_value(&a.step)
-                .ok()
-                .and_then(|v| v.get("step").and_then(|s| s.as_str().map(str::to_string)))
-                .unwrap_or_default()
-        }),
+        step: state.attempt.as_ref().map(|a| a.step.name().to_string()),
         pending_reports: outbox::count(&paths.outbox_dir())?,
     })
 }

@@ -179,7 +179,7 @@ pub async fn drive(ctx: &Context) -> Result<RunEnd, UpdateError> {
         other => other.clone(),
     };
     if entry != attempt.step {
-        tracing::warn!(release = %attempt.offer.version, from = ?attempt.step, to = ?entry, "resuming an interrupted update");
+        tracing::warn!(release = %attempt.offer.version, step = attempt.step.name(), resume_at = entry.name(), "resuming an interrupted update");
         enter(ctx, &mut attempt, entry)?;
     }
     loop {
@@ -411,7 +411,7 @@ async fn stop_old(ctx: &Context, attempt: &Attempt) -> Result<Next, UpdateError>
         Ok(r) if r.cancelled => return Ok(Next::Cancelled),
         Ok(r) if !r.ok => {
             // The old release may simply not be running. Go on: the health check decides.
-            tracing::warn!(release = ?old, message = %r.message, output = %r.output, "the stop command failed");
+            tracing::warn!(release = ?old, why = %r.message, output = %r.output, "the stop command failed");
         }
         Ok(_) => {}
         Err(e) => return Ok(rolling_back(e.to_string(), "")),
@@ -550,7 +550,7 @@ fn finish(ctx: &Context, attempt: &Attempt, outcome: &Outcome) -> Result<(), Fil
             } else {
                 ReportState::RolledBack
             };
-            tracing::warn!(release = %version, %message, "update failed");
+            tracing::warn!(release = %version, why = %message, "update failed");
             ctx.report(attempt, state, Some(message.clone()), Some(output.clone()))?;
             let record = ctx.store().get().failures_of(version).cloned();
             if let Some(record) = record.filter(|r| r.held) {

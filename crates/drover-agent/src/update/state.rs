@@ -131,6 +131,23 @@ pub struct FailureRecord {
     pub last_error: String,
 }
 
+impl Step {
+    /// The step's name, as written in state.json.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Step::Downloading => "downloading",
+            Step::Unpacking => "unpacking",
+            Step::ScriptRunning => "script_running",
+            Step::Stopping => "stopping",
+            Step::Swapping => "swapping",
+            Step::Starting => "starting",
+            Step::HealthChecking => "health_checking",
+            Step::RollingBack { .. } => "rolling_back",
+            Step::Finished { .. } => "finished",
+        }
+    }
+}
+
 impl UpdateState {
     /// The committed version, as reported in check-ins.
     pub fn current_version(&self) -> Option<&str> {
@@ -304,6 +321,23 @@ mod tests {
         state.failures = Some(record("2.0", true, 0));
         state.apply_desired(&desired(Some("3.0"), 2));
         assert!(state.failures.is_none());
+    }
+
+    #[test]
+    fn step_names_match_state_json() {
+        let steps = [
+            Step::Downloading,
+            Step::ScriptRunning,
+            Step::HealthChecking,
+            Step::RollingBack {
+                message: String::new(),
+                output: String::new(),
+            },
+        ];
+        for step in steps {
+            let json = serde_json::to_value(&step).unwrap();
+            assert_eq!(json["step"], step.name());
+        }
     }
 
     #[test]
