@@ -221,7 +221,8 @@ pub struct AppConfig {
     /// Where `releases/` and the `current` symlink live (default `<state_dir>/app`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub root: Option<PathBuf>,
-    /// Stops the running release (run in its directory).
+    /// Stops the running release (run in its directory; skipped on the first install, when no
+    /// release of this app runs yet).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stop: Option<String>,
     /// Starts a release (run in its directory).

@@ -400,21 +400,22 @@ async fn run_script(ctx: &Context, attempt: &Attempt) -> Result<Next, UpdateErro
 }
 
 async fn stop_old(ctx: &Context, attempt: &Attempt) -> Result<Next, UpdateError> {
-    let layout = ctx.layout();
-    let old = attempt.old_app.as_deref();
-    let dir = old.map_or_else(|| layout.root().to_path_buf(), |v| layout.release_dir(v));
-    let result = ctx
-        .hooks(attempt)
-        .run(Hook::Stop, old, &dir, &ctx.cancel)
-        .await;
-    match result {
-        Ok(r) if r.cancelled => return Ok(Next::Cancelled),
-        Ok(r) if !r.ok => {
-            // The old release may simply not be running. Go on: the health check decides.
-            tracing::warn!(release = ?old, why = %r.message, output = %r.output, "the stop command failed");
+    // On a first install there is no release of ours to stop.
+    if let Some(old) = attempt.old_app.as_deref() {
+        let dir = ctx.layout().release_dir(old);
+        let result = ctx
+            .hooks(attempt)
+            .run(Hook::Stop, Some(old), &dir, &ctx.cancel)
+            .await;
+        match result {
+            Ok(r) if r.cancelled => return Ok(Next::Cancelled),
+            Ok(r) if !r.ok => {
+                // The old release may simply not be running. Go on: the health check decides.
+                tracing::warn!(release = %old, why = %r.message, output = %r.output, "the stop command failed");
+            }
+            Ok(_) => {}
+            Err(e) => return Ok(rolling_back(e.to_string(), "")),
         }
-        Ok(_) => {}
-        Err(e) => return Ok(rolling_back(e.to_string(), "")),
     }
     ctx.crash.hit(CrashPoint::Stopped);
     Ok(Next::Step(Step::Swapping))
