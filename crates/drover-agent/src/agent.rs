@@ -352,6 +352,9 @@ impl Agent {
             }
         }
         self.desired = Some(desired);
+        // Whatever the loop was waiting for (a failed release's backoff, a paused download) may
+        // no longer apply: a new target or retry generation is planned afresh.
+        self.update_retry_at = None;
         Ok(())
     }
 
@@ -365,20 +368,28 @@ impl Agent {
         if self.config.provisioning_key.is_none() {
             return;
         }
-        self.release_key_refreshed = true;
         tracing::info!("no release key known yet; enrolling again to fetch the fleet's");
         let facts = facts::collect(&self.config);
-        match identity::enroll(
+        let result = identity::enroll(
             &self.client,
             &self.config,
             &self.paths,
             &self.identity,
             facts,
         )
-        .await
-        {
-            Ok((enrolment, _)) => self.enrolment = Some(enrolment),
-            Err(e) => tracing::warn!(error = %e, "could not fetch the release key"),
+        .await;
+        match result {
+            Ok((enrolment, _)) => {
+                self.release_key_refreshed = true;
+                self.enrolment = Some(enrolment);
+            }
+            Err(IdentityError::Hub(e)) if e.is_transient() => {
+                tracing::warn!(error = %e, "could not fetch the release key; trying again at the next check-in");
+            }
+            Err(e) => {
+                self.release_key_refreshed = true;
+                tracing::warn!(error = %e, "could not fetch the release key");
+            }
         }
     }
 
@@ -451,9 +462,14 @@ impl Agent {
             match plan {
                 Plan::Nothing | Plan::Held => return,
                 Plan::WaitUntil(at_ms) => {
-                    let wait = u64::try_from(at_ms.saturating_sub(now_ms())).unwrap_or(0);
-                    self.update_retry_at = Some(Instant::now() + Duration::from_millis(wait));
-                    tracing::info!(retry_in = ?Duration::from_millis(wait), "the target release failed recently; waiting before the next attempt");
+                    // Capped, in case the clock went back (a Raspberry Pi without a real-time
+                    // clock boots with the time it shut down at).
+                    let wait = Duration::from_millis(
+                        u64::try_from(at_ms.saturating_sub(now_ms())).unwrap_or(0),
+                    )
+                    .min(self.config.retry.max_backoff);
+                    self.update_retry_at = Some(Instant::now() + wait);
+                    tracing::info!(retry_in = ?wait, "the target release failed recently; waiting before the next attempt");
                     return;
                 }
                 Plan::Discard => {
@@ -467,6 +483,14 @@ impl Agent {
                 }
                 Plan::Resume => break,
                 Plan::Start(attempt) => {
+                    if self.release_key().is_none()
+                        && self.config.provisioning_key.is_some()
+                        && !self.release_key_refreshed
+                    {
+                        // The next check-in fetches the fleet's release key first; starting now
+                        // would only count a failure.
+                        return;
+                    }
                     if let Err(e) = runner::begin(&self.runner_context(shutdown), &attempt) {
                         tracing::error!(error = %e, "cannot record the new attempt");
                         self.defer_update();

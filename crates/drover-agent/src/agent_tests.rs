@@ -432,3 +432,69 @@ async fn without_a_provisioning_key_an_unenrolled_agent_says_so() {
         .unwrap_err();
     assert!(format!("{err:#}").contains("provisioning_key"), "{err:#}");
 }
+
+#[tokio::test]
+async fn an_operator_retry_releases_a_held_release() {
+    let hub = FakeHub::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let fixed = dir.path().join("fixed");
+    let archive = dir.path().join("a.tar.gz");
+    let body = format!(
+        "#!/bin/sh\nif [ ! -f {} ]; then echo not yet >&2; exit 1; fi\n",
+        fixed.display()
+    );
+    write_tar_gz(
+        &archive,
+        &[Entry::File("update.sh", body.as_bytes(), 0o755)],
+    );
+    hub.deploy("8.0", Module::Script, &fs::read(&archive).unwrap());
+    let agent = start(config(&hub, dir.path()));
+
+    wait_until("the held report", || {
+        hub.report_states("8.0").contains(&"held")
+    })
+    .await;
+    fs::write(&fixed, b"").unwrap();
+    {
+        let mut state = hub.state();
+        let desired = state.desired.as_mut().unwrap();
+        desired.retry_generation += 1;
+        desired.etag.push_str("-retry");
+    }
+    wait_until("the success report", || {
+        hub.report_states("8.0").contains(&"success")
+    })
+    .await;
+    agent.stop().await;
+
+    let state = hub.state();
+    let attempts: Vec<u32> = state
+        .reports
+        .iter()
+        .filter(|r| r.state.is_final())
+        .map(|r| r.attempt)
+        .collect();
+    assert_eq!(
+        attempts,
+        vec![1, 2, 2, 1],
+        "counts start again after the retry"
+    );
+}
+
+#[tokio::test]
+async fn a_release_key_given_to_the_fleet_after_enrolment_is_fetched() {
+    let hub = FakeHub::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    hub.state().release_key = None;
+    let agent = start(config(&hub, dir.path()));
+    wait_until("a check-in", || !hub.state().checkins.is_empty()).await;
+    hub.state().release_key = Some(hub.key.public().to_string());
+    hub.deploy("9.0", Module::Script, &script_release(dir.path(), "ran"));
+    wait_until("the success report", || {
+        hub.report_states("9.0").contains(&"success")
+    })
+    .await;
+    agent.stop().await;
+    assert_eq!(hub.state().enrolments, 2);
+    assert!(!hub.report_states("9.0").contains(&"failure"));
+}
