@@ -30,7 +30,7 @@ pub enum HubError {
     #[error("setting up the hub connection: {0}")]
     Setup(String),
     /// The hub could not be reached, or the connection broke.
-    #[error("cannot reach the hub ({what}): {source}")]
+    #[error("cannot reach the hub ({what}): {}", error_chain(source))]
     Network {
         /// The call.
         what: &'static str,
@@ -222,6 +222,22 @@ impl HubClient {
     }
 }
 
+/// An error and its causes on one line (reqwest's own message leaves out why a connection
+/// failed: refused, reset, a certificate problem).
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
 /// Turns an error response into [`HubError::Refused`], reading the JSON error body if there
 /// is one.
 pub async fn refusal(response: reqwest::Response, what: &'static str) -> HubError {
@@ -329,6 +345,23 @@ mod tests {
             err.contains("ca.pem") && err.contains("no certificate"),
             "{err}"
         );
+    }
+
+    #[tokio::test]
+    async fn network_errors_say_why() {
+        let hub = client("http://127.0.0.1:9");
+        let request = drover_protocol::device::CheckinRequest {
+            protocol: 1,
+            desired_etag: None,
+            current_release: None,
+            agent_version: "0".into(),
+            update: drover_protocol::device::UpdateStatus::idle(),
+            facts: None,
+        };
+        let err = hub.checkin("x", &request).await.unwrap_err();
+        assert!(err.is_transient());
+        let text = err.to_string();
+        assert!(text.to_lowercase().contains("refused"), "{text}");
     }
 
     #[test]

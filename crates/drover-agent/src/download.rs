@@ -249,8 +249,9 @@ impl Downloader<'_> {
                 Err(e) => {
                     file.flush().await.at("writing", part)?;
                     return Err(DownloadError::Transient(format!(
-                        "the download broke off at {written} of {} bytes (it resumes from there): {e}",
-                        offer.size
+                        "the download broke off at {written} of {} bytes (it resumes from there): {}",
+                        offer.size,
+                        crate::client::error_chain(&e)
                     )));
                 }
             };
