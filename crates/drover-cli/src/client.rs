@@ -26,7 +26,10 @@ pub fn install_crypto() {
 }
 
 /// An HTTP client that trusts `ca_file` only (when given) or the system's roots.
-pub fn http_client(ca_file: Option<&Path>, timeout: Option<Duration>) -> anyhow::Result<reqwest::Client> {
+pub fn http_client(
+    ca_file: Option<&Path>,
+    timeout: Option<Duration>,
+) -> anyhow::Result<reqwest::Client> {
     install_crypto();
     let mut builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(10));
     if let Some(timeout) = timeout {
@@ -104,10 +107,7 @@ impl HubClient {
         if let Some(body) = body {
             request = request.json(body);
         }
-        let response = request
-            .send()
-            .await
-            .map_err(|e| self.unreachable(e))?;
+        let response = request.send().await.map_err(|e| self.unreachable(e))?;
         decode(response, &method, path).await
     }
 
@@ -197,8 +197,9 @@ async fn decode<T: DeserializeOwned>(
         .with_context(|| format!("reading the answer to {method} {path}"))?;
     if status.is_success() {
         let text = if text.is_empty() { "null" } else { &text };
-        return serde_json::from_str(text)
-            .with_context(|| format!("the hub's answer to {method} {path} is not what this CLI expects"));
+        return serde_json::from_str(text).with_context(|| {
+            format!("the hub's answer to {method} {path} is not what this CLI expects")
+        });
     }
     match serde_json::from_str::<ErrorBody>(&text) {
         Ok(body) => {
@@ -208,7 +209,12 @@ async fn decode<T: DeserializeOwned>(
                 }
                 _ => "",
             };
-            bail!("the hub refused {method} {path}: {} ({}, HTTP {}){hint}", body.message, body.error, status.as_u16())
+            bail!(
+                "the hub refused {method} {path}: {} ({}, HTTP {}){hint}",
+                body.message,
+                body.error,
+                status.as_u16()
+            )
         }
         Err(_) => bail!(
             "{method} {path} failed with HTTP {}: {}",

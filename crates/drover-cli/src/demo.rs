@@ -91,7 +91,10 @@ pub async fn run(ctx: &Ctx, args: DemoArgs) -> anyhow::Result<ExitCode> {
         eprintln!("  CA file:      {}", ca.display());
     }
 
-    let outcome = demo(ctx, &args, &client, &hub, &data_dir, &shutdown, started, deadline).await;
+    let outcome = demo(
+        ctx, &args, &client, &hub, &data_dir, &shutdown, started, deadline,
+    )
+    .await;
     let code = match outcome {
         Ok(()) if args.until_converged => ExitCode::SUCCESS,
         Ok(()) => {
@@ -119,7 +122,10 @@ pub async fn run(ctx: &Ctx, args: DemoArgs) -> anyhow::Result<ExitCode> {
     Ok(code)
 }
 
-#[allow(clippy::too_many_arguments, reason = "one call site; a struct would only rename them")]
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one call site; a struct would only rename them"
+)]
 async fn demo(
     ctx: &Ctx,
     args: &DemoArgs,
@@ -169,7 +175,11 @@ async fn demo(
         });
     }
     wait_for_enrolment(client, args.devices, deadline).await?;
-    eprintln!("  {} devices enrolled in {:.1}s", args.devices, started.elapsed().as_secs_f64());
+    eprintln!(
+        "  {} devices enrolled in {:.1}s",
+        args.devices,
+        started.elapsed().as_secs_f64()
+    );
 
     let artifact = data_dir.join(format!("demo-app-{DEMO_VERSION}.tar.gz"));
     std::fs::write(&artifact, demo_archive(DEMO_VERSION)?)?;

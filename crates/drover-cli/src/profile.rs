@@ -36,7 +36,9 @@ impl Profile {
     /// Reads a profile; a missing file is an empty profile.
     pub fn load(path: &Path) -> anyhow::Result<Profile> {
         match std::fs::read_to_string(path) {
-            Ok(text) => toml::from_str(&text).with_context(|| format!("parsing {}", path.display())),
+            Ok(text) => {
+                toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Profile::default()),
             Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
         }
@@ -81,10 +83,14 @@ impl Connection {
     ) -> anyhow::Result<Connection> {
         let profile = Profile::load(profile_path)?;
         let Some(hub_url) = hub.or(profile.hub_url) else {
-            bail!("no hub configured: run 'drover login --hub URL --token TOKEN', or pass --hub / set DROVER_HUB_URL");
+            bail!(
+                "no hub configured: run 'drover login --hub URL --token TOKEN', or pass --hub / set DROVER_HUB_URL"
+            );
         };
         let Some(token) = token.or(profile.token) else {
-            bail!("no API token configured: run 'drover login --hub URL --token TOKEN', or pass --token / set DROVER_TOKEN");
+            bail!(
+                "no API token configured: run 'drover login --hub URL --token TOKEN', or pass --token / set DROVER_TOKEN"
+            );
         };
         Ok(Connection {
             hub_url,
@@ -114,13 +120,18 @@ mod tests {
         };
         profile.save(&path).unwrap();
         use std::os::unix::fs::PermissionsExt as _;
-        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         assert_eq!(Profile::load(&path).unwrap(), profile);
         let conn = Connection::resolve(&path, Some("http://other".into()), None, None).unwrap();
         assert_eq!(conn.hub_url, "http://other");
         assert_eq!(conn.token, "drv_o_x");
         let missing = dir.path().join("none.toml");
-        let err = Connection::resolve(&missing, None, None, None).unwrap_err().to_string();
+        let err = Connection::resolve(&missing, None, None, None)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("drover login"), "{err}");
     }
 }

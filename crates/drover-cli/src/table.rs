@@ -59,7 +59,10 @@ mod tests {
     fn columns_line_up() {
         let out = render(
             &["ID", "STATUS"],
-            &[vec!["abc".into(), "accepted".into()], vec!["a".into(), "-".into()]],
+            &[
+                vec!["abc".into(), "accepted".into()],
+                vec!["a".into(), "-".into()],
+            ],
         );
         assert_eq!(out, "ID   STATUS\nabc  accepted\na    -\n");
     }

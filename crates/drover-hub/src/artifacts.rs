@@ -248,14 +248,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = LocalArtifacts::open(dir.path()).await.unwrap();
         let sha = sha256_hex(b"something else");
-        let err = store.put(stream(vec![b"abc"]), &sha, 1000).await.unwrap_err();
+        let err = store
+            .put(stream(vec![b"abc"]), &sha, 1000)
+            .await
+            .unwrap_err();
         assert!(matches!(err, ArtifactError::HashMismatch { .. }));
         let err = store
             .put(stream(vec![b"abcdef"]), &sha256_hex(b"abcdef"), 3)
             .await
             .unwrap_err();
         assert!(matches!(err, ArtifactError::TooLarge { limit: 3 }));
-        let leftovers = std::fs::read_dir(dir.path().join("artifacts/tmp")).unwrap().count();
+        let leftovers = std::fs::read_dir(dir.path().join("artifacts/tmp"))
+            .unwrap()
+            .count();
         assert_eq!(leftovers, 0);
         assert_eq!(store.stat(&sha).await.unwrap(), None);
     }

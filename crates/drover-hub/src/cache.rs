@@ -264,12 +264,33 @@ mod tests {
     fn presence_keeps_the_latest() {
         let buf = PresenceBuffer::default();
         let id = DeviceId::parse("d1").unwrap();
-        buf.record(&id, Presence { at: 5, remote_ip: Some("1.2.3.4".into()), uptime_s: None });
-        buf.record(&id, Presence { at: 3, remote_ip: None, uptime_s: Some(9) });
+        buf.record(
+            &id,
+            Presence {
+                at: 5,
+                remote_ip: Some("1.2.3.4".into()),
+                uptime_s: None,
+            },
+        );
+        buf.record(
+            &id,
+            Presence {
+                at: 3,
+                remote_ip: None,
+                uptime_s: Some(9),
+            },
+        );
         let drained = buf.drain();
         assert_eq!(
             drained,
-            vec![(id, Presence { at: 5, remote_ip: Some("1.2.3.4".into()), uptime_s: Some(9) })]
+            vec![(
+                id,
+                Presence {
+                    at: 5,
+                    remote_ip: Some("1.2.3.4".into()),
+                    uptime_s: Some(9)
+                }
+            )]
         );
         assert!(buf.drain().is_empty());
     }

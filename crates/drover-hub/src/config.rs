@@ -226,9 +226,12 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("default_poll_interval_s"), "{err}");
-        let err = HubConfig::parse("data_dir = '/x'\n[tls]\ncert = 'a.pem'", Path::new("h.toml"))
-            .unwrap_err()
-            .to_string();
+        let err = HubConfig::parse(
+            "data_dir = '/x'\n[tls]\ncert = 'a.pem'",
+            Path::new("h.toml"),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("cert and key"), "{err}");
     }
 

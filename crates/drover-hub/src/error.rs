@@ -102,11 +102,15 @@ impl From<crate::artifacts::ArtifactError> for ApiError {
             ArtifactError::TooLarge { limit } => ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "artifact_too_large",
-                format!("the artifact is larger than this hub accepts ({limit} bytes; see max_artifact_bytes)"),
+                format!(
+                    "the artifact is larger than this hub accepts ({limit} bytes; see max_artifact_bytes)"
+                ),
             ),
             ArtifactError::HashMismatch { expected, actual } => ApiError::bad_request(
                 "hash_mismatch",
-                format!("the uploaded bytes hash to {actual}, not {expected}: the upload was corrupted or the wrong file was sent"),
+                format!(
+                    "the uploaded bytes hash to {actual}, not {expected}: the upload was corrupted or the wrong file was sent"
+                ),
             ),
             ArtifactError::BodyRead(e) => ApiError::bad_request(
                 "upload_interrupted",

@@ -78,7 +78,12 @@ pub async fn start(config: HubConfig, shutdown: CancellationToken) -> anyhow::Re
             .with_context(|| format!("opening {}", store::redact_url(&url.0)))?,
         None => Store::open_sqlite(&config.data_dir)
             .await
-            .with_context(|| format!("opening the SQLite database in {}", config.data_dir.display()))?,
+            .with_context(|| {
+                format!(
+                    "opening the SQLite database in {}",
+                    config.data_dir.display()
+                )
+            })?,
     };
     let admin_token = bootstrap(&store, &config).await?;
     let artifacts = artifacts::LocalArtifacts::open(&config.data_dir)

@@ -101,10 +101,7 @@ impl FromRequestParts<HubState> for Operator {
             Some(token) => token,
             None => {
                 let token = hub.store.api_token_by_hash(&hash).await?.ok_or_else(|| {
-                    ApiError::unauthorized(
-                        "invalid_token",
-                        "this API token is unknown or revoked",
-                    )
+                    ApiError::unauthorized("invalid_token", "this API token is unknown or revoked")
                 })?;
                 hub.operators
                     .write()
@@ -138,7 +135,10 @@ impl FromRequestParts<HubState> for DeviceAuth {
 
 impl HubState {
     /// Builds (and caches) the check-in entry of the device holding a credential.
-    pub async fn load_device(&self, credential_hash: String) -> Result<Arc<CachedDevice>, ApiError> {
+    pub async fn load_device(
+        &self,
+        credential_hash: String,
+    ) -> Result<Arc<CachedDevice>, ApiError> {
         let ticket = self.devices.ticket();
         let device = self
             .store
@@ -161,19 +161,21 @@ impl HubState {
         let desired_json = serde_json::to_vec(&desired).map_err(ApiError::internal)?;
         let entry = self
             .devices
-            .insert_with(credential_hash, ticket, fleet.id, |generation| CachedDevice {
-                id: device.id.clone(),
-                org_id: device.org_id,
-                fleet_id: device.fleet_id,
-                fleet_generation: generation,
-                desired,
-                desired_json: desired_json.into(),
-                reported: std::sync::Mutex::new(Reported {
-                    current_release: device.current_release.clone(),
-                    agent_version: device.agent_version.clone(),
-                    update: device.update.clone(),
-                }),
-                facts_hash: std::sync::Mutex::new(None),
+            .insert_with(credential_hash, ticket, fleet.id, |generation| {
+                CachedDevice {
+                    id: device.id.clone(),
+                    org_id: device.org_id,
+                    fleet_id: device.fleet_id,
+                    fleet_generation: generation,
+                    desired,
+                    desired_json: desired_json.into(),
+                    reported: std::sync::Mutex::new(Reported {
+                        current_release: device.current_release.clone(),
+                        agent_version: device.agent_version.clone(),
+                        update: device.update.clone(),
+                    }),
+                    facts_hash: std::sync::Mutex::new(None),
+                }
             });
         Ok(entry)
     }

@@ -73,7 +73,10 @@ pub fn prepare(config: &TlsConfig, data_dir: &Path) -> Result<TlsFiles, TlsError
     }
     let dir = data_dir.join("tls");
     let files = TlsFiles {
-        cert: config.cert.clone().unwrap_or_else(|| dir.join("server.pem")),
+        cert: config
+            .cert
+            .clone()
+            .unwrap_or_else(|| dir.join("server.pem")),
         key: config.key.clone().unwrap_or_else(|| dir.join("server.key")),
         ca: Some(dir.join("ca.pem")),
     };
@@ -169,7 +172,11 @@ mod tests {
         let first = std::fs::read(&files.cert).unwrap();
         server_config(&files).unwrap();
         let again = prepare(&config, dir.path()).unwrap();
-        assert_eq!(std::fs::read(&again.cert).unwrap(), first, "reused, not remade");
+        assert_eq!(
+            std::fs::read(&again.cert).unwrap(),
+            first,
+            "reused, not remade"
+        );
         use std::os::unix::fs::PermissionsExt as _;
         let mode = std::fs::metadata(&files.key).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);

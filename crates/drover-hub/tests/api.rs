@@ -247,7 +247,10 @@ async fn checkin_answers_204_until_something_changes(hub: &TestHub) {
         .manifest()
         .verify(&key.public(), &offer.signature)
         .unwrap();
-    assert_eq!(device.checkin(Some(&desired.etag), Some("1.0")).await.0, 204);
+    assert_eq!(
+        device.checkin(Some(&desired.etag), Some("1.0")).await.0,
+        204
+    );
 
     // Config and poll interval changes reach the device too.
     let (status, _) = api
@@ -270,9 +273,12 @@ async fn checkin_answers_204_until_something_changes(hub: &TestHub) {
 
 impl TestDevice {
     async fn patch_device_config(&self, api: &Api, config: Value) -> (u16, Value) {
-        api.patch(&format!("/api/v1/devices/{}", self.id), json!({ "config": config }))
-            .await
-            .unwrap()
+        api.patch(
+            &format!("/api/v1/devices/{}", self.id),
+            json!({ "config": config }),
+        )
+        .await
+        .unwrap()
     }
 }
 
@@ -345,7 +351,11 @@ async fn reports_are_stored_once_and_shown_to_operators(hub: &TestHub) {
     let batch = vec![
         report(1, ReportState::Downloading, None),
         report(2, ReportState::Installing, None),
-        report(3, ReportState::Failure, Some("update.sh: line 3: npm: not found")),
+        report(
+            3,
+            ReportState::Failure,
+            Some("update.sh: line 3: npm: not found"),
+        ),
     ];
     let (status, body) = device.report(batch.clone()).await;
     assert_eq!(status, 200, "{body}");
@@ -387,7 +397,10 @@ async fn requests_without_or_with_wrong_credentials_are_refused(hub: &TestHub) {
 
     let wrong = Api::new(&hub.url, "drv_o_wrong");
     let (status, body) = wrong.get("/api/v1/fleets").await.unwrap();
-    assert_eq!((status, body["error"].as_str()), (401, Some("invalid_token")));
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (401, Some("invalid_token"))
+    );
 
     // A device credential is not an operator token, and the other way round.
     let as_device = Api::new(&hub.url, &device.credential);
@@ -405,7 +418,10 @@ async fn requests_without_or_with_wrong_credentials_are_refused(hub: &TestHub) {
         ..as_operator
     };
     let (status, body) = unknown.checkin(None, None).await;
-    assert_eq!((status, body["error"].as_str()), (401, Some("invalid_credential")));
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (401, Some("invalid_credential"))
+    );
 
     let (status, _) = api
         .post(&format!("/api/v1/devices/{}/revoke", device.id), json!({}))
@@ -413,7 +429,10 @@ async fn requests_without_or_with_wrong_credentials_are_refused(hub: &TestHub) {
         .unwrap();
     assert_eq!(status, 200);
     let (status, body) = device.checkin(None, None).await;
-    assert_eq!((status, body["error"].as_str()), (403, Some("device_revoked")));
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (403, Some("device_revoked"))
+    );
     let (status, body) = TestDevice {
         http,
         base: hub.url.clone(),
@@ -423,7 +442,10 @@ async fn requests_without_or_with_wrong_credentials_are_refused(hub: &TestHub) {
     }
     .enroll_again(&pk)
     .await;
-    assert_eq!((status, body["error"].as_str()), (403, Some("device_revoked")));
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (403, Some("device_revoked"))
+    );
 }
 
 async fn bad_input_gets_clear_4xx_bodies(hub: &TestHub) {
@@ -442,7 +464,9 @@ async fn bad_input_gets_clear_4xx_bodies(hub: &TestHub) {
     assert_eq!(body["error"], "invalid_json");
     assert!(body["message"].as_str().unwrap().contains("JSON"));
 
-    let response = post_raw("/api/v1/fleets", r#"{"nmae": "x"}"#).await.unwrap();
+    let response = post_raw("/api/v1/fleets", r#"{"nmae": "x"}"#)
+        .await
+        .unwrap();
     assert_eq!(response.status(), 422);
     let body: Value = response.json().await.unwrap();
     assert!(body["message"].as_str().unwrap().contains("nmae"), "{body}");
@@ -451,7 +475,10 @@ async fn bad_input_gets_clear_4xx_bodies(hub: &TestHub) {
         .post("/api/v1/fleets", json!({"name": "has space"}))
         .await
         .unwrap();
-    assert_eq!((status, body["error"].as_str()), (400, Some("invalid_name")));
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_name"))
+    );
 
     let big = format!(r#"{{"name": "{}"}}"#, "x".repeat(2 << 20));
     let response = http
@@ -469,15 +496,24 @@ async fn bad_input_gets_clear_4xx_bodies(hub: &TestHub) {
     let data = vec![7u8; 1000];
     let sha = drover_protocol::ids::sha256_hex(&data);
     let (status, body) = api
-        .put_bytes(&format!("/api/v1/artifacts/{}", "0".repeat(64)), data.clone())
+        .put_bytes(
+            &format!("/api/v1/artifacts/{}", "0".repeat(64)),
+            data.clone(),
+        )
         .await
         .unwrap();
-    assert_eq!((status, body["error"].as_str()), (400, Some("hash_mismatch")));
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("hash_mismatch"))
+    );
     let (status, body) = api
         .put_bytes("/api/v1/artifacts/not-a-hash", data.clone())
         .await
         .unwrap();
-    assert_eq!((status, body["error"].as_str()), (400, Some("invalid_sha256")));
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_sha256"))
+    );
     let (status, _) = api
         .put_bytes(&format!("/api/v1/artifacts/{sha}"), data)
         .await
@@ -490,11 +526,20 @@ async fn bad_input_gets_clear_4xx_bodies(hub: &TestHub) {
         .call(reqwest::Method::DELETE, "/api/v1/fleets", None)
         .await
         .unwrap();
-    assert_eq!((status, body["error"].as_str()), (405, Some("method_not_allowed")));
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (405, Some("method_not_allowed"))
+    );
     let (status, body) = api.get("/api/v1/devices?status=lost").await.unwrap();
-    assert_eq!((status, body["error"].as_str()), (400, Some("invalid_status")));
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_status"))
+    );
     let (status, body) = api.get("/api/v1/devices/has%20space").await.unwrap();
-    assert_eq!((status, body["error"].as_str()), (400, Some("invalid_device_id")));
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_device_id"))
+    );
 }
 
 #[tokio::test]
@@ -510,11 +555,13 @@ async fn oversized_artifacts_are_refused_and_nothing_is_kept() {
         .put_bytes(&format!("/api/v1/artifacts/{sha}"), data)
         .await
         .unwrap();
-    assert_eq!((status, body["error"].as_str()), (413, Some("artifact_too_large")));
-    // Without a Content-Length (streamed), the limit holds as well.
-    let stream = futures_util::stream::iter(
-        (0..20).map(|_| Ok::<_, std::io::Error>(vec![1u8; 1000])),
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (413, Some("artifact_too_large"))
     );
+    // Without a Content-Length (streamed), the limit holds as well.
+    let stream =
+        futures_util::stream::iter((0..20).map(|_| Ok::<_, std::io::Error>(vec![1u8; 1000])));
     let response = api
         .client
         .put(format!("{}/api/v1/artifacts/{sha}", hub.url))
@@ -526,7 +573,9 @@ async fn oversized_artifacts_are_refused_and_nothing_is_kept() {
     assert_eq!(response.status(), 413);
     let (status, _) = api.get(&format!("/api/v1/artifacts/{sha}")).await.unwrap();
     assert_eq!(status, 404);
-    let tmp = std::fs::read_dir(hub.data_dir.join("artifacts/tmp")).unwrap().count();
+    let tmp = std::fs::read_dir(hub.data_dir.join("artifacts/tmp"))
+        .unwrap()
+        .count();
     assert_eq!(tmp, 0);
     hub.stop().await.unwrap();
 }
@@ -534,7 +583,10 @@ async fn oversized_artifacts_are_refused_and_nothing_is_kept() {
 async fn releases_must_be_signed_with_the_fleet_key(hub: &TestHub) {
     let api = hub.api();
     let (_, key) = api.create_fleet("solar", true, 60).await.unwrap();
-    let (status, _) = api.post("/api/v1/fleets", json!({"name": "unkeyed"})).await.unwrap();
+    let (status, _) = api
+        .post("/api/v1/fleets", json!({"name": "unkeyed"}))
+        .await
+        .unwrap();
     assert_eq!(status, 201);
     let artifact = app_archive("1.0");
     let sha = drover_protocol::ids::sha256_hex(&artifact);
@@ -549,9 +601,7 @@ async fn releases_must_be_signed_with_the_fleet_key(hub: &TestHub) {
         sha256: &sha,
         size: artifact.len() as u64,
     };
-    let body = |sig: String, version: &str, module: &str| {
-        json!({"version": version, "module": module, "sha256": sha, "signature": sig})
-    };
+    let body = |sig: String, version: &str, module: &str| json!({"version": version, "module": module, "sha256": sha, "signature": sig});
     let (status, resp) = api
         .post(
             "/api/v1/fleets/solar/releases",
@@ -559,7 +609,10 @@ async fn releases_must_be_signed_with_the_fleet_key(hub: &TestHub) {
         )
         .await
         .unwrap();
-    assert_eq!((status, resp["error"].as_str()), (400, Some("invalid_signature")));
+    assert_eq!(
+        (status, resp["error"].as_str()),
+        (400, Some("invalid_signature"))
+    );
     // A valid signature for version 1.0 does not cover 2.0.
     let (status, resp) = api
         .post(
@@ -568,7 +621,10 @@ async fn releases_must_be_signed_with_the_fleet_key(hub: &TestHub) {
         )
         .await
         .unwrap();
-    assert_eq!((status, resp["error"].as_str()), (400, Some("invalid_signature")));
+    assert_eq!(
+        (status, resp["error"].as_str()),
+        (400, Some("invalid_signature"))
+    );
     let (status, resp) = api
         .post(
             "/api/v1/fleets/unkeyed/releases",
@@ -576,7 +632,10 @@ async fn releases_must_be_signed_with_the_fleet_key(hub: &TestHub) {
         )
         .await
         .unwrap();
-    assert_eq!((status, resp["error"].as_str()), (400, Some("no_release_key")));
+    assert_eq!(
+        (status, resp["error"].as_str()),
+        (400, Some("no_release_key"))
+    );
     let (status, resp) = api
         .post(
             "/api/v1/fleets/solar/releases",
@@ -584,7 +643,10 @@ async fn releases_must_be_signed_with_the_fleet_key(hub: &TestHub) {
         )
         .await
         .unwrap();
-    assert_eq!((status, resp["error"].as_str()), (400, Some("invalid_module")));
+    assert_eq!(
+        (status, resp["error"].as_str()),
+        (400, Some("invalid_module"))
+    );
     let (status, resp) = api
         .post(
             "/api/v1/fleets/solar/releases",
@@ -622,7 +684,10 @@ async fn releases_must_be_signed_with_the_fleet_key(hub: &TestHub) {
         )
         .await
         .unwrap();
-    assert_eq!((status, resp["error"].as_str()), (400, Some("wrong_format")));
+    assert_eq!(
+        (status, resp["error"].as_str()),
+        (400, Some("wrong_format"))
+    );
     let (status, resp) = api
         .post(
             "/api/v1/fleets/solar/releases",
@@ -630,7 +695,10 @@ async fn releases_must_be_signed_with_the_fleet_key(hub: &TestHub) {
         )
         .await
         .unwrap();
-    assert_eq!((status, resp["error"].as_str()), (400, Some("artifact_missing")));
+    assert_eq!(
+        (status, resp["error"].as_str()),
+        (400, Some("artifact_missing"))
+    );
 }
 
 async fn organizations_cannot_see_each_other(hub: &TestHub) {
@@ -645,7 +713,10 @@ async fn organizations_cannot_see_each_other(hub: &TestHub) {
 
     let store = &hub.hub.state.store;
     let other = store.create_org("rival").await.unwrap();
-    let (_, token) = store.create_api_token(other.id, "admin", "admin").await.unwrap();
+    let (_, token) = store
+        .create_api_token(other.id, "admin", "admin")
+        .await
+        .unwrap();
     let rival = Api::new(&hub.url, &token);
     let (status, fleets) = rival.get("/api/v1/fleets").await.unwrap();
     assert_eq!((status, fleets), (200, json!([])));
@@ -657,7 +728,10 @@ async fn organizations_cannot_see_each_other(hub: &TestHub) {
         "/api/v1/fleets/solar/status".to_string(),
         format!("/api/v1/devices/{}", device.id),
         format!("/api/v1/devices/{}/attempts", device.id),
-        format!("/api/v1/artifacts/{}", drover_protocol::ids::sha256_hex(&artifact)),
+        format!(
+            "/api/v1/artifacts/{}",
+            drover_protocol::ids::sha256_hex(&artifact)
+        ),
     ] {
         let (status, body) = rival.get(&path).await.unwrap();
         assert_eq!(status, 404, "{path}: {body}");
@@ -704,9 +778,20 @@ async fn seed_protocol_devices_update_and_report(hub: &TestHub) {
             ])
             .send()
     };
-    let answer: Value = updateme("seedbox01", "0").await.unwrap().json().await.unwrap();
-    assert_eq!(answer, json!({"status": "noUpdateNeeded", "updateInterval": 15}));
-    let (_, pending) = api.get("/api/v1/devices?fleet=legacy&status=pending").await.unwrap();
+    let answer: Value = updateme("seedbox01", "0")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        answer,
+        json!({"status": "noUpdateNeeded", "updateInterval": 15})
+    );
+    let (_, pending) = api
+        .get("/api/v1/devices?fleet=legacy&status=pending")
+        .await
+        .unwrap();
     assert_eq!(pending[0]["id"], "seedbox01");
     assert_eq!(pending[0]["protocol"], "seed");
     assert_eq!(pending[0]["agent_version"], "v1.20.3");
@@ -719,7 +804,12 @@ async fn seed_protocol_devices_update_and_report(hub: &TestHub) {
         .await
         .unwrap();
     api.deploy("legacy", "1.0").await.unwrap();
-    let answer: Value = updateme("seedbox01", "0").await.unwrap().json().await.unwrap();
+    let answer: Value = updateme("seedbox01", "0")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(answer["status"], "updateNeeded");
     assert_eq!(answer["snapshotId"], "1");
     assert_eq!(answer["downloadType"], "zip");
@@ -727,7 +817,14 @@ async fn seed_protocol_devices_update_and_report(hub: &TestHub) {
     assert_eq!(answer["config"], json!({"meter": {"meterName": "123456"}}));
     let download_url = answer["downloadUrl"].as_str().unwrap();
     assert!(download_url.starts_with("http://"), "{download_url}");
-    let bytes = http.get(download_url).send().await.unwrap().bytes().await.unwrap();
+    let bytes = http
+        .get(download_url)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
     assert_eq!(bytes.as_ref(), update.as_slice());
 
     // A failure (success arrives as the string "false") is recorded with its output, and the
@@ -740,9 +837,20 @@ async fn seed_protocol_devices_update_and_report(hub: &TestHub) {
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
-    assert_eq!(response.json::<Value>().await.unwrap(), json!({"status": "ok"}));
-    let answer: Value = updateme("seedbox01", "0").await.unwrap().json().await.unwrap();
-    assert_eq!(answer["status"], "noUpdateNeeded", "backing off after a failure");
+    assert_eq!(
+        response.json::<Value>().await.unwrap(),
+        json!({"status": "ok"})
+    );
+    let answer: Value = updateme("seedbox01", "0")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        answer["status"], "noUpdateNeeded",
+        "backing off after a failure"
+    );
     let (_, device) = api.get("/api/v1/devices/seedbox01").await.unwrap();
     assert_eq!(device["update"]["phase"], "backing_off");
 
@@ -750,15 +858,26 @@ async fn seed_protocol_devices_update_and_report(hub: &TestHub) {
     api.post("/api/v1/devices/seedbox01/retry", json!({}))
         .await
         .unwrap();
-    let answer: Value = updateme("seedbox01", "0").await.unwrap().json().await.unwrap();
+    let answer: Value = updateme("seedbox01", "0")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(answer["status"], "updateNeeded");
-    let outcome = json!({"deviceId": "seedbox01", "snapshotId": "1", "success": "true", "output": "updated"});
+    let outcome =
+        json!({"deviceId": "seedbox01", "snapshotId": "1", "success": "true", "output": "updated"});
     http.post(format!("{base}/howitworkedout"))
         .json(&outcome)
         .send()
         .await
         .unwrap();
-    let answer: Value = updateme("seedbox01", "1").await.unwrap().json().await.unwrap();
+    let answer: Value = updateme("seedbox01", "1")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(answer["status"], "noUpdateNeeded");
     let (_, device) = api.get("/api/v1/devices/seedbox01").await.unwrap();
     assert_eq!(device["current_release"], "1.0");
@@ -813,10 +932,14 @@ async fn presence_and_fleet_status_follow_checkins(hub: &TestHub) {
     let (_, status) = api.get("/api/v1/fleets/solar/status").await.unwrap();
     assert_eq!(status["converged"], true);
     // Last-seen times are written in batches; they reach the database shortly.
-    wait_until(Duration::from_secs(10), "last_seen in the database", || async {
-        let (_, status) = api.get("/api/v1/fleets/solar/status").await.unwrap();
-        (status["online"] == 2).then_some(())
-    })
+    wait_until(
+        Duration::from_secs(10),
+        "last_seen in the database",
+        || async {
+            let (_, status) = api.get("/api/v1/fleets/solar/status").await.unwrap();
+            (status["online"] == 2).then_some(())
+        },
+    )
     .await;
     let (_, device) = api.get(&format!("/api/v1/devices/{}", a.id)).await.unwrap();
     assert_eq!(device["online"], true);
@@ -844,7 +967,11 @@ async fn the_openapi_document_names_every_route() {
                 .replace("{fleet}", "nosuchfleet")
                 .replace("{version}", "1.0");
             let (status, body) = api
-                .call(method.to_uppercase().parse().unwrap(), &concrete, Some(json!({})))
+                .call(
+                    method.to_uppercase().parse().unwrap(),
+                    &concrete,
+                    Some(json!({})),
+                )
                 .await
                 .unwrap();
             assert!(

@@ -133,7 +133,10 @@ mod cases {
         let other = org(store, "other").await;
         assert!(!store.revoke_api_token(other, token.id).await.unwrap());
         assert!(store.revoke_api_token(org_id, token.id).await.unwrap());
-        assert_eq!(store.api_token_by_hash(&token_hash(&text)).await.unwrap(), None);
+        assert_eq!(
+            store.api_token_by_hash(&token_hash(&text)).await.unwrap(),
+            None
+        );
     }
 
     pub async fn fleet_names_are_unique_per_organization(store: &Store) {
@@ -173,7 +176,11 @@ mod cases {
             .await
             .unwrap();
         assert_eq!(
-            store.fleet_by_provisioning_key(&key).await.unwrap().map(|f| f.id),
+            store
+                .fleet_by_provisioning_key(&key)
+                .await
+                .unwrap()
+                .map(|f| f.id),
             Some(f.id)
         );
         let patch = FleetPatch {
@@ -188,7 +195,11 @@ mod cases {
         assert_eq!(updated.poll_interval_s, 5);
         let secret = updated.seed_secret.clone().unwrap();
         assert_eq!(
-            store.fleet_by_seed_secret(&secret).await.unwrap().map(|f| f.id),
+            store
+                .fleet_by_seed_secret(&secret)
+                .await
+                .unwrap()
+                .map(|f| f.id),
             Some(f.id)
         );
         let again = store
@@ -202,7 +213,11 @@ mod cases {
             )
             .await
             .unwrap();
-        assert_eq!(again.seed_secret, Some(secret.clone()), "turning on twice keeps the URL");
+        assert_eq!(
+            again.seed_secret,
+            Some(secret.clone()),
+            "turning on twice keeps the URL"
+        );
         store
             .update_fleet(
                 a,
@@ -217,7 +232,13 @@ mod cases {
         assert_eq!(store.fleet_by_seed_secret(&secret).await.unwrap(), None);
         let new_key = store.rotate_provisioning_key(a, f.id).await.unwrap();
         assert_eq!(store.fleet_by_provisioning_key(&key).await.unwrap(), None);
-        assert!(store.fleet_by_provisioning_key(&new_key).await.unwrap().is_some());
+        assert!(
+            store
+                .fleet_by_provisioning_key(&new_key)
+                .await
+                .unwrap()
+                .is_some()
+        );
     }
 
     pub async fn devices_enrol_list_and_change_standing(store: &Store) {
@@ -240,19 +261,44 @@ mod cases {
         ));
         let by_cred = store.device_by_credential(&token_hash("c1")).await.unwrap();
         assert_eq!(by_cred.map(|d| d.id), Some(d1.id.clone()));
-        assert!(store.set_device_status(a, &d1.id, DeviceStatus::Accepted).await.unwrap());
+        assert!(
+            store
+                .set_device_status(a, &d1.id, DeviceStatus::Accepted)
+                .await
+                .unwrap()
+        );
         let pending = DeviceFilter {
             status: Some(DeviceStatus::Pending),
             ..DeviceFilter::default()
         };
         let listed = store.list_devices(a, &pending).await.unwrap();
-        assert_eq!(listed.iter().map(|d| &d.id).collect::<Vec<_>>(), vec![&d2.id]);
-        assert!(store.set_device_status(a, &d2.id, DeviceStatus::Revoked).await.unwrap());
+        assert_eq!(
+            listed.iter().map(|d| &d.id).collect::<Vec<_>>(),
+            vec![&d2.id]
+        );
+        assert!(
+            store
+                .set_device_status(a, &d2.id, DeviceStatus::Revoked)
+                .await
+                .unwrap()
+        );
         let revoked = store.device(a, &d2.id).await.unwrap().unwrap();
         assert_eq!(revoked.status, DeviceStatus::Revoked);
-        store.replace_credential(&d1.id, &token_hash("c9")).await.unwrap();
-        assert_eq!(store.device_by_credential(&token_hash("c1")).await.unwrap(), None);
-        assert!(store.device_by_credential(&token_hash("c9")).await.unwrap().is_some());
+        store
+            .replace_credential(&d1.id, &token_hash("c9"))
+            .await
+            .unwrap();
+        assert_eq!(
+            store.device_by_credential(&token_hash("c1")).await.unwrap(),
+            None
+        );
+        assert!(
+            store
+                .device_by_credential(&token_hash("c9"))
+                .await
+                .unwrap()
+                .is_some()
+        );
     }
 
     pub async fn reported_state_facts_and_presence_are_stored(store: &Store) {
@@ -314,30 +360,66 @@ mod cases {
         let a = org(store, "a").await;
         let f = fleet(store, a, "solar").await;
         let g = fleet(store, a, "wind").await;
-        let r1 = store.create_release(a, f.id, &new_release("1.0", None)).await.unwrap();
+        let r1 = store
+            .create_release(a, f.id, &new_release("1.0", None))
+            .await
+            .unwrap();
         let r2 = store
             .create_release(a, f.id, &new_release("2.0", Some("rpi4")))
             .await
             .unwrap();
-        let w1 = store.create_release(a, g.id, &new_release("1.0", None)).await.unwrap();
+        let w1 = store
+            .create_release(a, g.id, &new_release("1.0", None))
+            .await
+            .unwrap();
         assert_eq!((r1.seq, r2.seq, w1.seq), (1, 2, 1));
         assert!(matches!(
-            store.create_release(a, f.id, &new_release("1.0", None)).await,
+            store
+                .create_release(a, f.id, &new_release("1.0", None))
+                .await,
             Err(StoreError::Conflict(_))
         ));
-        assert_eq!(store.release_by_seq(a, f.id, 2).await.unwrap(), Some(r2.clone()));
         assert_eq!(
-            store.list_releases(a, f.id).await.unwrap().iter().map(|r| r.seq).collect::<Vec<_>>(),
+            store.release_by_seq(a, f.id, 2).await.unwrap(),
+            Some(r2.clone())
+        );
+        assert_eq!(
+            store
+                .list_releases(a, f.id)
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.seq)
+                .collect::<Vec<_>>(),
             vec![2, 1]
         );
-        assert!(store.fleet_has_artifact(a, f.id, &"a".repeat(64)).await.unwrap());
-        assert!(!store.fleet_has_artifact(a, f.id, &"b".repeat(64)).await.unwrap());
+        assert!(
+            store
+                .fleet_has_artifact(a, f.id, &"a".repeat(64))
+                .await
+                .unwrap()
+        );
+        assert!(
+            !store
+                .fleet_has_artifact(a, f.id, &"b".repeat(64))
+                .await
+                .unwrap()
+        );
 
         store.set_fleet_target(a, &r1).await.unwrap();
-        assert_eq!(store.target_for(a, f.id, "rpi3").await.unwrap(), Some(r1.clone()));
+        assert_eq!(
+            store.target_for(a, f.id, "rpi3").await.unwrap(),
+            Some(r1.clone())
+        );
         store.set_fleet_target(a, &r2).await.unwrap();
-        assert_eq!(store.target_for(a, f.id, "rpi4").await.unwrap(), Some(r2.clone()));
-        assert_eq!(store.target_for(a, f.id, "rpi3").await.unwrap(), Some(r1.clone()));
+        assert_eq!(
+            store.target_for(a, f.id, "rpi4").await.unwrap(),
+            Some(r2.clone())
+        );
+        assert_eq!(
+            store.target_for(a, f.id, "rpi3").await.unwrap(),
+            Some(r1.clone())
+        );
         let f_now = store.fleet_by_id(a, f.id).await.unwrap().unwrap();
         assert_eq!(f_now.deploy_generation, 2);
 
@@ -363,7 +445,10 @@ mod cases {
             )
             .await
             .unwrap();
-        let r27 = store.create_release(a, f.id, &new_release("3.0", None)).await.unwrap();
+        let r27 = store
+            .create_release(a, f.id, &new_release("3.0", None))
+            .await
+            .unwrap();
         assert_eq!(r27.seq, 27);
         store
             .record_artifact(a, &"c".repeat(64), 5, Some(ArtifactFormat::Zip))
@@ -414,7 +499,11 @@ mod cases {
         assert_eq!(attempts[1].state, "failure");
         assert_eq!(attempts[1].output.as_deref(), Some("boom"));
         assert_eq!(
-            attempts[1].events.iter().map(|e| e.state.as_str()).collect::<Vec<_>>(),
+            attempts[1]
+                .events
+                .iter()
+                .map(|e| e.state.as_str())
+                .collect::<Vec<_>>(),
             vec!["downloading", "installing", "failure"]
         );
         let (failures, last) = store.failures_since(a, &d.id, "2.0", 0).await.unwrap();
@@ -438,7 +527,11 @@ mod cases {
         assert_eq!(d.protocol, "seed");
         assert_eq!(d.seed_snapshot, Some(26));
         let again = store.seed_checkin(a, f.id, true, &poll).await.unwrap();
-        assert_eq!(again.status, DeviceStatus::Pending, "the first answer sticks");
+        assert_eq!(
+            again.status,
+            DeviceStatus::Pending,
+            "the first answer sticks"
+        );
         assert!(matches!(
             store.seed_checkin(a, g.id, true, &poll).await,
             Err(StoreError::Conflict(_))
@@ -447,10 +540,16 @@ mod cases {
             .record_seed_outcome(a, &d.id, "3.0", false, "npm ERR!")
             .await
             .unwrap();
-        store.record_seed_outcome(a, &d.id, "3.0", true, "ok").await.unwrap();
+        store
+            .record_seed_outcome(a, &d.id, "3.0", true, "ok")
+            .await
+            .unwrap();
         let attempts = store.list_attempts(a, &d.id, 10).await.unwrap();
         assert_eq!(
-            attempts.iter().map(|t| (t.attempt, t.state.as_str())).collect::<Vec<_>>(),
+            attempts
+                .iter()
+                .map(|t| (t.attempt, t.state.as_str()))
+                .collect::<Vec<_>>(),
             vec![(2, "success"), (1, "failure")]
         );
         let got = store.device(a, &d.id).await.unwrap().unwrap();
@@ -465,15 +564,34 @@ mod cases {
             .create_device(a, &new_device(f.id, "k1", "c1"))
             .await
             .unwrap();
-        let r = store.create_release(a, f.id, &new_release("1.0", None)).await.unwrap();
+        let r = store
+            .create_release(a, f.id, &new_release("1.0", None))
+            .await
+            .unwrap();
         assert_eq!(store.fleet_by_id(b, f.id).await.unwrap(), None);
         assert_eq!(store.fleet_by_name(b, "solar").await.unwrap(), None);
         assert_eq!(store.device(b, &d.id).await.unwrap(), None);
-        assert!(store.list_devices(b, &DeviceFilter::default()).await.unwrap().is_empty());
+        assert!(
+            store
+                .list_devices(b, &DeviceFilter::default())
+                .await
+                .unwrap()
+                .is_empty()
+        );
         assert_eq!(store.release_by_id(b, r.id).await.unwrap(), None);
         assert!(store.list_releases(b, f.id).await.unwrap().is_empty());
-        assert!(!store.set_device_status(b, &d.id, DeviceStatus::Revoked).await.unwrap());
-        assert!(!store.set_device_config(b, &d.id, &serde_json::json!({})).await.unwrap());
+        assert!(
+            !store
+                .set_device_status(b, &d.id, DeviceStatus::Revoked)
+                .await
+                .unwrap()
+        );
+        assert!(
+            !store
+                .set_device_config(b, &d.id, &serde_json::json!({}))
+                .await
+                .unwrap()
+        );
         assert!(store.list_attempts(b, &d.id, 10).await.unwrap().is_empty());
         assert!(store.apply_reports(b, &d.id, &[]).await.is_err());
         assert_eq!(store.org_artifact(b, &"a".repeat(64)).await.unwrap(), None);

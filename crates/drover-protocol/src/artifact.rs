@@ -93,7 +93,10 @@ mod tests {
 
     #[test]
     fn sniffs_each_format() {
-        assert_eq!(ArtifactFormat::sniff(&[0x1f, 0x8b, 8, 0]), Some(ArtifactFormat::TarGz));
+        assert_eq!(
+            ArtifactFormat::sniff(&[0x1f, 0x8b, 8, 0]),
+            Some(ArtifactFormat::TarGz)
+        );
         assert_eq!(
             ArtifactFormat::sniff(b"#!/usr/bin/env node\nconsole.log(1)"),
             Some(ArtifactFormat::NodeScript)

@@ -46,7 +46,9 @@ impl DeviceId {
     pub fn parse(text: &str) -> Result<DeviceId, BadDeviceId> {
         let ok = !text.is_empty()
             && text.len() <= 64
-            && text.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            && text
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
         if !ok {
             return Err(BadDeviceId(text.chars().take(80).collect()));
         }
@@ -167,7 +169,10 @@ pub fn random_string(alphabet: &[u8], len: usize) -> String {
 /// A failure of the OS random source is not something any caller can work around or should
 /// work around (falling back to weak randomness would mint guessable credentials), so it aborts.
 pub fn fill_random(buf: &mut [u8]) {
-    #[allow(clippy::expect_used, reason = "no safe fallback exists for a broken OS CSPRNG")]
+    #[allow(
+        clippy::expect_used,
+        reason = "no safe fallback exists for a broken OS CSPRNG"
+    )]
     getrandom::fill(buf).expect("the operating system's random number generator failed");
 }
 

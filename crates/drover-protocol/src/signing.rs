@@ -264,12 +264,14 @@ mod tests {
     fn golden_signature_is_stable() {
         // A fixed seed gives a fixed signature (ed25519 is deterministic), so a change to the
         // signed bytes or the encoding cannot slip through unnoticed.
-        let key = ReleaseSigningKey::from_text(&format!("{SECRET_PREFIX}{}", B64.encode([7u8; 32])))
-            .unwrap();
+        let key =
+            ReleaseSigningKey::from_text(&format!("{SECRET_PREFIX}{}", B64.encode([7u8; 32])))
+                .unwrap();
         let sig = manifest("1.0").sign(&key);
         manifest("1.0").verify(&key.public(), &sig).unwrap();
         assert_eq!(sig, GOLDEN_SIG, "signed bytes or encoding changed");
     }
 
-    const GOLDEN_SIG: &str = "cJp6YmfiakUadKT8zoXDJCNaWR1ERiFshWWUZc1Ngsxp9Mw8WXdQXHVDnAxod1IDeEbH0VDtpRNBsn5ayf2dCg==";
+    const GOLDEN_SIG: &str =
+        "cJp6YmfiakUadKT8zoXDJCNaWR1ERiFshWWUZc1Ngsxp9Mw8WXdQXHVDnAxod1IDeEbH0VDtpRNBsn5ayf2dCg==";
 }

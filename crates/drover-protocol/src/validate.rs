@@ -66,7 +66,13 @@ pub fn device_type(text: &str) -> Result<(), BadName> {
 
 /// A tag or attribute name reported by a device.
 pub fn tag(text: &str) -> Result<(), BadName> {
-    check("a tag", text, 64, b"-_.:/=", "'-', '_', '.', ':', '/' or '='")
+    check(
+        "a tag",
+        text,
+        64,
+        b"-_.:/=",
+        "'-', '_', '.', ':', '/' or '='",
+    )
 }
 
 #[cfg(test)]

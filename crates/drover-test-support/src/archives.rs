@@ -12,10 +12,16 @@ pub fn tar_gz(files: &[(&str, &[u8], u32)]) -> Vec<u8> {
         header.set_mode(*mode);
         header.set_mtime(0);
         header.set_entry_type(tar::EntryType::Regular);
-        #[allow(clippy::unwrap_used, reason = "test helper: in-memory writes cannot fail")]
+        #[allow(
+            clippy::unwrap_used,
+            reason = "test helper: in-memory writes cannot fail"
+        )]
         builder.append_data(&mut header, path, *contents).unwrap();
     }
-    #[allow(clippy::unwrap_used, reason = "test helper: in-memory writes cannot fail")]
+    #[allow(
+        clippy::unwrap_used,
+        reason = "test helper: in-memory writes cannot fail"
+    )]
     builder.into_inner().unwrap().finish().unwrap()
 }
 
@@ -24,12 +30,18 @@ pub fn zip(files: &[(&str, &[u8], u32)]) -> Vec<u8> {
     let mut writer = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
     for (path, contents, mode) in files {
         let options = zip::write::SimpleFileOptions::default().unix_permissions(*mode);
-        #[allow(clippy::unwrap_used, reason = "test helper: in-memory writes cannot fail")]
+        #[allow(
+            clippy::unwrap_used,
+            reason = "test helper: in-memory writes cannot fail"
+        )]
         {
             writer.start_file(*path, options).unwrap();
             writer.write_all(contents).unwrap();
         }
     }
-    #[allow(clippy::unwrap_used, reason = "test helper: in-memory writes cannot fail")]
+    #[allow(
+        clippy::unwrap_used,
+        reason = "test helper: in-memory writes cannot fail"
+    )]
     writer.finish().unwrap().into_inner()
 }

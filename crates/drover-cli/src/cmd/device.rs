@@ -92,7 +92,12 @@ pub async fn run(ctx: &Ctx, command: DeviceCommand) -> anyhow::Result<ExitCode> 
                         field(d, "current_release"),
                         field(d, "target_release"),
                         field(&d["update"], "phase"),
-                        if d["online"] == true { "online" } else { "offline" }.into(),
+                        if d["online"] == true {
+                            "online"
+                        } else {
+                            "offline"
+                        }
+                        .into(),
                         table::ago(d["last_seen"].as_i64(), now),
                     ]
                 })
@@ -100,14 +105,25 @@ pub async fn run(ctx: &Ctx, command: DeviceCommand) -> anyhow::Result<ExitCode> 
             print!(
                 "{}",
                 table::render(
-                    &["ID", "FLEET", "STATUS", "RELEASE", "TARGET", "UPDATE", "SEEN", "LAST SEEN"],
+                    &[
+                        "ID",
+                        "FLEET",
+                        "STATUS",
+                        "RELEASE",
+                        "TARGET",
+                        "UPDATE",
+                        "SEEN",
+                        "LAST SEEN"
+                    ],
                     &rows
                 )
             );
         }
         DeviceCommand::Show { id } => {
             let device: Value = client.get(&format!("/api/v1/devices/{id}")).await?;
-            let attempts: Value = client.get(&format!("/api/v1/devices/{id}/attempts")).await?;
+            let attempts: Value = client
+                .get(&format!("/api/v1/devices/{id}/attempts"))
+                .await?;
             if ctx.json() {
                 let mut both = device;
                 both["attempts"] = attempts;
@@ -125,13 +141,21 @@ pub async fn run(ctx: &Ctx, command: DeviceCommand) -> anyhow::Result<ExitCode> 
             let device: Value = client
                 .post(&format!("/api/v1/devices/{id}/revoke"), &json!({}))
                 .await?;
-            done(ctx, &device, &format!("Revoked {id}; it is refused from now on."))?;
+            done(
+                ctx,
+                &device,
+                &format!("Revoked {id}; it is refused from now on."),
+            )?;
         }
         DeviceCommand::Retry { id } => {
             let device: Value = client
                 .post(&format!("/api/v1/devices/{id}/retry"), &json!({}))
                 .await?;
-            done(ctx, &device, &format!("{id} will try its target release again at its next check-in."))?;
+            done(
+                ctx,
+                &device,
+                &format!("{id} will try its target release again at its next check-in."),
+            )?;
         }
         DeviceCommand::Set {
             id,
@@ -169,15 +193,27 @@ fn print_device(device: &Value, attempts: &Value) {
     let now = table::now_ms();
     let facts = &device["facts"];
     println!("Device:      {}", field(device, "id"));
-    println!("Fleet:       {} ({})", field(device, "fleet"), field(device, "device_type"));
+    println!(
+        "Fleet:       {} ({})",
+        field(device, "fleet"),
+        field(device, "device_type")
+    );
     println!("Status:      {}", field(device, "status"));
     println!(
         "Seen:        {} ({}, from {})",
-        if device["online"] == true { "online" } else { "offline" },
+        if device["online"] == true {
+            "online"
+        } else {
+            "offline"
+        },
         table::ago(device["last_seen"].as_i64(), now),
         field(device, "remote_ip")
     );
-    println!("Release:     {} (target {})", field(device, "current_release"), field(device, "target_release"));
+    println!(
+        "Release:     {} (target {})",
+        field(device, "current_release"),
+        field(device, "target_release")
+    );
     if !device["pinned_release"].is_null() {
         println!("Pinned:      {}", field(device, "pinned_release"));
     }
@@ -193,7 +229,11 @@ fn print_device(device: &Value, attempts: &Value) {
         line.push_str(&format!(": {}", field(update, "message")));
     }
     println!("Update:      {line}");
-    println!("Agent:       {} ({})", field(device, "agent_version"), field(device, "protocol"));
+    println!(
+        "Agent:       {} ({})",
+        field(device, "agent_version"),
+        field(device, "protocol")
+    );
     println!(
         "System:      {} {} {} up {}s, ip {}",
         field(facts, "hostname"),
@@ -203,7 +243,10 @@ fn print_device(device: &Value, attempts: &Value) {
         field(facts, "ip")
     );
     if let Some(tags) = facts["tags"].as_array().filter(|t| !t.is_empty()) {
-        let tags: Vec<String> = tags.iter().map(|t| t.as_str().unwrap_or("").to_string()).collect();
+        let tags: Vec<String> = tags
+            .iter()
+            .map(|t| t.as_str().unwrap_or("").to_string())
+            .collect();
         println!("Tags:        {}", tags.join(", "));
     }
     if let Some(attrs) = facts["attributes"].as_object().filter(|a| !a.is_empty()) {
@@ -230,12 +273,19 @@ fn print_device(device: &Value, attempts: &Value) {
             ]
         })
         .collect();
-    print!("{}", table::render(&["RELEASE", "TRY", "STATE", "WHEN", "MESSAGE"], &rows));
+    print!(
+        "{}",
+        table::render(&["RELEASE", "TRY", "STATE", "WHEN", "MESSAGE"], &rows)
+    );
     if let Some(last_failed) = attempts
         .iter()
         .find(|a| a["state"] != "success" && !a["output"].is_null())
     {
-        println!("\nOutput of the last failed attempt ({} #{}):", field(last_failed, "release"), field(last_failed, "attempt"));
+        println!(
+            "\nOutput of the last failed attempt ({} #{}):",
+            field(last_failed, "release"),
+            field(last_failed, "attempt")
+        );
         println!("{}", last_failed["output"].as_str().unwrap_or(""));
     }
 }

@@ -123,10 +123,20 @@ pub async fn run(ctx: &Ctx, command: FleetCommand) -> anyhow::Result<ExitCode> {
                 .map(|f| {
                     vec![
                         field(f, "name"),
-                        if f["auto_accept"] == true { "auto" } else { "manual" }.into(),
+                        if f["auto_accept"] == true {
+                            "auto"
+                        } else {
+                            "manual"
+                        }
+                        .into(),
                         format!("{}s", field(f, "poll_interval_s")),
                         targets(f),
-                        if f["seed_base_path"].is_null() { "off" } else { "on" }.into(),
+                        if f["seed_base_path"].is_null() {
+                            "off"
+                        } else {
+                            "on"
+                        }
+                        .into(),
                     ]
                 })
                 .collect();
@@ -169,7 +179,10 @@ pub async fn run(ctx: &Ctx, command: FleetCommand) -> anyhow::Result<ExitCode> {
         }
         FleetCommand::RotateKey { name } => {
             let answer: Value = client
-                .post(&format!("/api/v1/fleets/{name}/provisioning-key"), &json!({}))
+                .post(
+                    &format!("/api/v1/fleets/{name}/provisioning-key"),
+                    &json!({}),
+                )
                 .await?;
             if ctx.json() {
                 return ctx.print_json(&answer).map(|()| ExitCode::SUCCESS);

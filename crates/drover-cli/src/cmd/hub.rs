@@ -182,7 +182,10 @@ fn print_banner(url: &str, data_dir: &Path, ca: Option<&Path>) {
     }
     let ca_flag = match ca {
         Some(ca) => {
-            eprintln!("  local CA:       {} (give it to agents as ca_file)", ca.display());
+            eprintln!(
+                "  local CA:       {} (give it to agents as ca_file)",
+                ca.display()
+            );
             format!(" --ca {}", ca.display())
         }
         None => String::new(),

@@ -33,9 +33,9 @@ pub async fn run(ctx: &Ctx, args: LoginArgs) -> anyhow::Result<ExitCode> {
         (None, None) => bail!("give a token with --token or --token-file"),
     };
     let ca = match &ctx.ca {
-        Some(ca) => Some(
-            std::fs::canonicalize(ca).with_context(|| format!("finding {}", ca.display()))?,
-        ),
+        Some(ca) => {
+            Some(std::fs::canonicalize(ca).with_context(|| format!("finding {}", ca.display()))?)
+        }
         None => None,
     };
     let client = HubClient::new(&hub, &token, ca.as_deref())?;

@@ -136,7 +136,10 @@ pub async fn keys(ctx: &Ctx, command: KeysCommand) -> anyhow::Result<ExitCode> {
             if ctx.json() {
                 ctx.print_json(&json!({"key_file": out, "public_key": public}))?;
             } else {
-                println!("Wrote the secret release key to {} (mode 0600). Keep it safe and off the hub.", out.display());
+                println!(
+                    "Wrote the secret release key to {} (mode 0600). Keep it safe and off the hub.",
+                    out.display()
+                );
                 println!("Public key (give it to your fleet with --release-key):");
                 println!("  {public}");
             }
@@ -200,7 +203,9 @@ pub async fn run(ctx: &Ctx, command: ReleaseCommand) -> anyhow::Result<ExitCode>
             }
         }
         ReleaseCommand::List { fleet } => {
-            let releases: Value = client.get(&format!("/api/v1/fleets/{fleet}/releases")).await?;
+            let releases: Value = client
+                .get(&format!("/api/v1/fleets/{fleet}/releases"))
+                .await?;
             if ctx.json() {
                 return ctx.print_json(&releases).map(|()| ExitCode::SUCCESS);
             }
@@ -223,7 +228,12 @@ pub async fn run(ctx: &Ctx, command: ReleaseCommand) -> anyhow::Result<ExitCode>
                 .collect();
             print!(
                 "{}",
-                table::render(&["VERSION", "SEQ", "MODULE", "TYPE", "BYTES", "CREATED", "NOTES"], &rows)
+                table::render(
+                    &[
+                        "VERSION", "SEQ", "MODULE", "TYPE", "BYTES", "CREATED", "NOTES"
+                    ],
+                    &rows
+                )
             );
         }
     }
@@ -258,7 +268,9 @@ pub async fn create_release(
     if let Some(t) = &args.device_type {
         validate::device_type(t)?;
     }
-    let fleet: Value = client.get(&format!("/api/v1/fleets/{}", args.fleet)).await?;
+    let fleet: Value = client
+        .get(&format!("/api/v1/fleets/{}", args.fleet))
+        .await?;
     let ours = key.public().to_string();
     match fleet["release_key"].as_str() {
         None => bail!(
@@ -324,11 +336,12 @@ async fn upload(
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let progress = bar.clone();
-    let stream = tokio_util::io::ReaderStream::with_capacity(file, 64 * 1024).inspect(move |chunk| {
-        if let Ok(chunk) = chunk {
-            progress.inc(chunk.len() as u64);
-        }
-    });
+    let stream =
+        tokio_util::io::ReaderStream::with_capacity(file, 64 * 1024).inspect(move |chunk| {
+            if let Ok(chunk) = chunk {
+                progress.inc(chunk.len() as u64);
+            }
+        });
     let result: anyhow::Result<Value> = client
         .put_body(
             &format!("/api/v1/artifacts/{sha256}"),
@@ -352,7 +365,10 @@ pub async fn deploy(ctx: &Ctx, args: DeployArgs) -> anyhow::Result<ExitCode> {
     if ctx.json() {
         ctx.print_json(&deployed)?;
     } else if let Some(device) = &args.device {
-        println!("Pinned {} to {device}; it installs at its next check-in.", args.release);
+        println!(
+            "Pinned {} to {device}; it installs at its next check-in.",
+            args.release
+        );
     } else {
         println!(
             "Deployed {} to fleet {} (device type {}). Follow it with: drover status --fleet {} --watch",

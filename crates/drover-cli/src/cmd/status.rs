@@ -92,7 +92,17 @@ fn render(statuses: &[Value]) -> String {
         })
         .collect();
     table::render(
-        &["FLEET", "TARGET", "UP TO DATE", "UPDATING", "BACKING OFF", "HELD", "PENDING", "ONLINE", "CONVERGED"],
+        &[
+            "FLEET",
+            "TARGET",
+            "UP TO DATE",
+            "UPDATING",
+            "BACKING OFF",
+            "HELD",
+            "PENDING",
+            "ONLINE",
+            "CONVERGED",
+        ],
         &rows,
     )
 }
@@ -158,7 +168,11 @@ impl Watch {
                 field(&s, "held"),
                 field(&s, "pending"),
                 field(&s, "online"),
-                if s["converged"] == true { " | converged" } else { "" }
+                if s["converged"] == true {
+                    " | converged"
+                } else {
+                    ""
+                }
             ));
             statuses.push(s);
         }

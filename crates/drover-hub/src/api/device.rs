@@ -208,8 +208,15 @@ async fn record_reported(
         return Ok(());
     }
     if reported.agent_version.len() > 64
-        || reported.current_release.as_ref().is_some_and(|r| r.len() > 64)
-        || reported.update.message.as_ref().is_some_and(|m| m.len() > 4096)
+        || reported
+            .current_release
+            .as_ref()
+            .is_some_and(|r| r.len() > 64)
+        || reported
+            .update
+            .message
+            .as_ref()
+            .is_some_and(|m| m.len() > 4096)
     {
         return Err(ApiError::bad_request(
             "invalid_checkin",
@@ -237,13 +244,18 @@ pub async fn reports(
     for report in &batch.reports {
         validate::release_version(&report.release)
             .map_err(|e| ApiError::bad_request("invalid_report", e.to_string()))?;
-        if report.output.as_ref().is_some_and(|o| o.len() > MAX_OUTPUT_BYTES)
+        if report
+            .output
+            .as_ref()
+            .is_some_and(|o| o.len() > MAX_OUTPUT_BYTES)
             || report.message.as_ref().is_some_and(|m| m.len() > 4096)
         {
             return Err(ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "report_too_large",
-                format!("report output is limited to {MAX_OUTPUT_BYTES} bytes and messages to 4096"),
+                format!(
+                    "report output is limited to {MAX_OUTPUT_BYTES} bytes and messages to 4096"
+                ),
             ));
         }
     }
@@ -267,7 +279,9 @@ pub async fn artifact(
             .fleet_has_artifact(device.org_id, device.fleet_id, &sha256)
             .await?;
     if !allowed {
-        return Err(ApiError::not_found(format!("artifact {sha256} for this device")));
+        return Err(ApiError::not_found(format!(
+            "artifact {sha256} for this device"
+        )));
     }
     super::download::serve_artifact(hub.artifacts.as_ref(), &sha256, &headers).await
 }

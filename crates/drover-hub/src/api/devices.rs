@@ -146,9 +146,7 @@ impl<'a> FleetIndex<'a> {
             pinned_release: pinned,
             update: device.update,
             facts: device.facts,
-            remote_ip: pending
-                .and_then(|p| p.remote_ip)
-                .or(device.remote_ip),
+            remote_ip: pending.and_then(|p| p.remote_ip).or(device.remote_ip),
             config: device.config,
             seed_snapshot: device.seed_snapshot,
             online: is_online(last_seen, fleet.poll_interval_s, now_ms()),
@@ -208,7 +206,9 @@ pub async fn show(
     Path(id): Path<String>,
 ) -> Result<axum::Json<DeviceView>, ApiError> {
     let device = device_of(&hub, &op, &parse_id(&id)?).await?;
-    Ok(axum::Json(FleetIndex::new(&hub, op.org_id).view(device).await?))
+    Ok(axum::Json(
+        FleetIndex::new(&hub, op.org_id).view(device).await?,
+    ))
 }
 
 /// `POST /api/v1/devices/{id}/accept`.
@@ -287,7 +287,9 @@ pub async fn update(
                 .store
                 .release_by_version(op.org_id, device.fleet_id, pin)
                 .await?
-                .ok_or_else(|| ApiError::not_found(format!("release {pin:?} in the device's fleet")))?;
+                .ok_or_else(|| {
+                    ApiError::not_found(format!("release {pin:?} in the device's fleet"))
+                })?;
             check_release_fits(&release, &device.device_type)?;
             Some(release.id)
         };
@@ -305,5 +307,7 @@ pub async fn attempts(
 ) -> Result<axum::Json<Vec<AttemptRecord>>, ApiError> {
     let id = parse_id(&id)?;
     device_of(&hub, &op, &id).await?;
-    Ok(axum::Json(hub.store.list_attempts(op.org_id, &id, 50).await?))
+    Ok(axum::Json(
+        hub.store.list_attempts(op.org_id, &id, 50).await?,
+    ))
 }

@@ -53,7 +53,10 @@ pub fn parse_range(value: &str, size: u64) -> RangeRequest {
             Err(_) => None,
         },
         // bytes=a-: from a to the end.
-        (false, true) => first.parse::<u64>().ok().map(|a| (a, size.saturating_sub(1))),
+        (false, true) => first
+            .parse::<u64>()
+            .ok()
+            .map(|a| (a, size.saturating_sub(1))),
         // bytes=a-b.
         (false, false) => match (first.parse::<u64>(), last.parse::<u64>()) {
             (Ok(a), Ok(b)) if a <= b => Some((a, b.min(size.saturating_sub(1)))),
@@ -69,13 +72,11 @@ pub fn parse_range(value: &str, size: u64) -> RangeRequest {
 }
 
 fn etag_matches(header_value: Option<&HeaderValue>, etag: &str) -> bool {
-    header_value
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.split(',')
-                .map(|t| t.trim().trim_start_matches("W/"))
-                .any(|t| t == etag || t == "*")
-        })
+    header_value.and_then(|v| v.to_str().ok()).is_some_and(|v| {
+        v.split(',')
+            .map(|t| t.trim().trim_start_matches("W/"))
+            .any(|t| t == etag || t == "*")
+    })
 }
 
 /// Answers a GET (or HEAD) for an artifact.

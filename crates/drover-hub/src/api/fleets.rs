@@ -322,7 +322,10 @@ pub async fn rotate_key(
     Path(name): Path<String>,
 ) -> Result<axum::Json<serde_json::Value>, ApiError> {
     let fleet = fleet_named(&hub, &op, &name).await?;
-    let key = hub.store.rotate_provisioning_key(op.org_id, fleet.id).await?;
+    let key = hub
+        .store
+        .rotate_provisioning_key(op.org_id, fleet.id)
+        .await?;
     Ok(axum::Json(serde_json::json!({ "provisioning_key": key })))
 }
 
@@ -338,7 +341,9 @@ pub async fn deploy(
         .store
         .release_by_version(op.org_id, fleet.id, &body.release)
         .await?
-        .ok_or_else(|| ApiError::not_found(format!("release {:?} in fleet {name:?}", body.release)))?;
+        .ok_or_else(|| {
+            ApiError::not_found(format!("release {:?} in fleet {name:?}", body.release))
+        })?;
     let Some(device) = body.device else {
         hub.store.set_fleet_target(op.org_id, &release).await?;
         hub.devices.invalidate_fleet(fleet.id);
@@ -404,7 +409,11 @@ pub async fn status(
     let targets = hub.store.fleet_targets(op.org_id, fleet.id).await?;
     let groups = hub
         .store
-        .fleet_device_groups(op.org_id, fleet.id, online_since(fleet.poll_interval_s, now))
+        .fleet_device_groups(
+            op.org_id,
+            fleet.id,
+            online_since(fleet.poll_interval_s, now),
+        )
         .await?;
     let mut status = FleetStatus {
         fleet: fleet.name.clone(),

@@ -36,17 +36,29 @@ pub fn router(hub: HubState) -> Router {
     let manage = Router::new()
         .route("/api/v1/whoami", get(whoami))
         .route("/api/v1/fleets", get(fleets::list).post(fleets::create))
-        .route("/api/v1/fleets/{fleet}", get(fleets::show).patch(fleets::update))
-        .route("/api/v1/fleets/{fleet}/provisioning-key", post(fleets::rotate_key))
+        .route(
+            "/api/v1/fleets/{fleet}",
+            get(fleets::show).patch(fleets::update),
+        )
+        .route(
+            "/api/v1/fleets/{fleet}/provisioning-key",
+            post(fleets::rotate_key),
+        )
         .route("/api/v1/fleets/{fleet}/deploy", post(fleets::deploy))
         .route("/api/v1/fleets/{fleet}/status", get(fleets::status))
         .route(
             "/api/v1/fleets/{fleet}/releases",
             get(releases::list).post(releases::create),
         )
-        .route("/api/v1/fleets/{fleet}/releases/{version}", get(releases::show))
+        .route(
+            "/api/v1/fleets/{fleet}/releases/{version}",
+            get(releases::show),
+        )
         .route("/api/v1/devices", get(devices::list))
-        .route("/api/v1/devices/{id}", get(devices::show).patch(devices::update))
+        .route(
+            "/api/v1/devices/{id}",
+            get(devices::show).patch(devices::update),
+        )
         .route("/api/v1/devices/{id}/accept", post(devices::accept))
         .route("/api/v1/devices/{id}/revoke", post(devices::revoke))
         .route("/api/v1/devices/{id}/retry", post(devices::retry))

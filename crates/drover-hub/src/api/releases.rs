@@ -255,7 +255,10 @@ pub async fn create(
 }
 
 /// Checks that the module can install the artifact's format.
-fn check_format(module: Module, format: Option<ArtifactFormat>) -> Result<ArtifactFormat, ApiError> {
+fn check_format(
+    module: Module,
+    format: Option<ArtifactFormat>,
+) -> Result<ArtifactFormat, ApiError> {
     let Some(format) = format else {
         return Err(ApiError::bad_request(
             "unknown_format",
@@ -293,6 +296,8 @@ pub async fn show(
         .store
         .release_by_version(op.org_id, fleet.id, &version)
         .await?
-        .ok_or_else(|| ApiError::not_found(format!("release {version:?} in fleet {fleet_name:?}")))?;
+        .ok_or_else(|| {
+            ApiError::not_found(format!("release {version:?} in fleet {fleet_name:?}"))
+        })?;
     Ok(axum::Json(release.into()))
 }

@@ -47,7 +47,11 @@ fn base_url(hub: &HubState, headers: &HeaderMap) -> String {
         .get(header::HOST)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("localhost");
-    let scheme = if hub.config.tls.is_some() { "https" } else { "http" };
+    let scheme = if hub.config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     format!("{scheme}://{host}")
 }
 
@@ -93,7 +97,11 @@ pub async fn updateme(
         return Ok(no_update);
     }
     let Some(download_type) = target.format.seed_download_type() else {
-        let status = held(&target, 0, "the seed updater cannot install tar.gz releases; release a zip or a script");
+        let status = held(
+            &target,
+            0,
+            "the seed updater cannot install tar.gz releases; release a zip or a script",
+        );
         set_phase(&hub, &device, status).await?;
         return Ok(no_update);
     };
@@ -162,7 +170,10 @@ async fn backoff(
         return Ok(Some(held(
             target,
             failures,
-            &format!("failed {failures} times; 'drover device retry {}' tries again", device.id),
+            &format!(
+                "failed {failures} times; 'drover device retry {}' tries again",
+                device.id
+            ),
         )));
     }
     let wait_ms = i64::try_from(SEED_BACKOFF_BASE.as_millis()).unwrap_or(60_000)
@@ -173,7 +184,9 @@ async fn backoff(
             phase: UpdatePhase::BackingOff,
             release: Some(target.version.clone()),
             failures: u32::try_from(failures).unwrap_or(u32::MAX),
-            message: Some(format!("failed {failures} time(s); next try after a backoff")),
+            message: Some(format!(
+                "failed {failures} time(s); next try after a backoff"
+            )),
         }));
     }
     Ok(None)
@@ -217,7 +230,8 @@ pub async fn howitworkedout(
         .release_by_seq(fleet.org_id, fleet.id, snapshot)
         .await?
         .map_or_else(|| format!("snapshot-{snapshot}"), |r| r.version);
-    let output = drover_protocol::device::truncate_output(&body.output, drover_protocol::MAX_OUTPUT_BYTES);
+    let output =
+        drover_protocol::device::truncate_output(&body.output, drover_protocol::MAX_OUTPUT_BYTES);
     hub.store
         .record_seed_outcome(fleet.org_id, &device_id, &release, body.success, &output)
         .await?;
@@ -252,9 +266,8 @@ pub async fn time(
 
 /// ISO-8601 in UTC with milliseconds, as JavaScript's `Date.toISOString()` writes it.
 pub fn iso_time(t: OffsetDateTime) -> String {
-    let format = format_description!(
-        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
-    );
+    let format =
+        format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z");
     t.format(&format).unwrap_or_default()
 }
 
@@ -272,7 +285,9 @@ pub async fn artifact(
             .fleet_has_artifact(fleet.org_id, fleet.id, &sha256)
             .await?;
     if !allowed {
-        return Err(ApiError::not_found(format!("artifact {sha256} in this fleet")));
+        return Err(ApiError::not_found(format!(
+            "artifact {sha256} in this fleet"
+        )));
     }
     super::download::serve_artifact(hub.artifacts.as_ref(), &sha256, &headers).await
 }

@@ -227,13 +227,16 @@ impl Store {
             let id = DeviceId::generate();
             let now = now_ms();
             let accepted_at = (new.status == DeviceStatus::Accepted).then_some(now);
-            let result = sqlx::query(concat!("INSERT INTO devices (id, org_id, fleet_id, device_type, status, protocol,
+            let result = sqlx::query(concat!(
+                "INSERT INTO devices (id, org_id, fleet_id, device_type, status, protocol,
                     public_key, credential_hash, agent_version, update_phase, update_failures,
                     os, arch, hostname, ip, uptime_s, tags, attributes, config, retry_generation,
                     last_report_seq, created_at, accepted_at)
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'idle', 0, $10, $11, $12, $13, $14,
                     $15, $16, '{}', 0, 0, $17, $18)
-                 RETURNING ", device_columns!()))
+                 RETURNING ",
+                device_columns!()
+            ))
             .bind(id.as_str())
             .bind(org_id)
             .bind(new.fleet_id)
@@ -272,7 +275,11 @@ impl Store {
 
     /// The device holding an identity public key.
     pub async fn device_by_public_key(&self, public_key: &str) -> StoreResult<Option<Device>> {
-        let row = sqlx::query(concat!("SELECT ", device_columns!(), " FROM devices WHERE public_key = $1"))
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            device_columns!(),
+            " FROM devices WHERE public_key = $1"
+        ))
         .bind(public_key)
         .fetch_optional(&self.pool)
         .await?;
@@ -291,7 +298,11 @@ impl Store {
 
     /// The device a credential belongs to.
     pub async fn device_by_credential(&self, hash: &str) -> StoreResult<Option<Device>> {
-        let row = sqlx::query(concat!("SELECT ", device_columns!(), " FROM devices WHERE credential_hash = $1"))
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            device_columns!(),
+            " FROM devices WHERE credential_hash = $1"
+        ))
         .bind(hash)
         .fetch_optional(&self.pool)
         .await?;
@@ -300,7 +311,11 @@ impl Store {
 
     /// One device of an organization.
     pub async fn device(&self, org_id: i64, id: &DeviceId) -> StoreResult<Option<Device>> {
-        let row = sqlx::query(concat!("SELECT ", device_columns!(), " FROM devices WHERE org_id = $1 AND id = $2"))
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            device_columns!(),
+            " FROM devices WHERE org_id = $1 AND id = $2"
+        ))
         .bind(org_id)
         .bind(id.as_str())
         .fetch_optional(&self.pool)
@@ -309,10 +324,18 @@ impl Store {
     }
 
     /// An organization's devices, by ID.
-    pub async fn list_devices(&self, org_id: i64, filter: &DeviceFilter) -> StoreResult<Vec<Device>> {
-        let rows = sqlx::query(concat!("SELECT ", device_columns!(), " FROM devices
+    pub async fn list_devices(
+        &self,
+        org_id: i64,
+        filter: &DeviceFilter,
+    ) -> StoreResult<Vec<Device>> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            device_columns!(),
+            " FROM devices
              WHERE org_id = $1 AND ($2 < 0 OR fleet_id = $2) AND ($3 = '' OR status = $3)
-             ORDER BY id LIMIT $4"))
+             ORDER BY id LIMIT $4"
+        ))
         .bind(org_id)
         .bind(filter.fleet_id.unwrap_or(-1))
         .bind(filter.status.map_or("", DeviceStatus::as_str))
@@ -536,10 +559,14 @@ impl Store {
     /// A device by ID in whatever organization it is (for the seed protocol's collision check
     /// only; never returned to a client).
     async fn device_any_org(&self, id: &DeviceId) -> StoreResult<Option<Device>> {
-        let row = sqlx::query(concat!("SELECT ", device_columns!(), " FROM devices WHERE id = $1"))
-            .bind(id.as_str())
-            .fetch_optional(&self.pool)
-            .await?;
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            device_columns!(),
+            " FROM devices WHERE id = $1"
+        ))
+        .bind(id.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
         row.as_ref().map(device_from_row).transpose()
     }
 

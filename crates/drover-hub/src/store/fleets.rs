@@ -98,10 +98,13 @@ impl Store {
     /// Creates a fleet and returns it with its provisioning key (shown once, stored hashed).
     pub async fn create_fleet(&self, org_id: i64, new: &NewFleet) -> StoreResult<(Fleet, String)> {
         let key = generate_token(TokenKind::Provisioning);
-        let row = sqlx::query(concat!("INSERT INTO fleets (org_id, name, auto_accept, provisioning_key_hash, release_key,
+        let row = sqlx::query(concat!(
+            "INSERT INTO fleets (org_id, name, auto_accept, provisioning_key_hash, release_key,
                 poll_interval_s, config, deploy_generation, next_release_seq, created_at)
              VALUES ($1, $2, $3, $4, $5, $6, '{}', 0, 1, $7)
-             RETURNING ", fleet_columns!()))
+             RETURNING ",
+            fleet_columns!()
+        ))
         .bind(org_id)
         .bind(&new.name)
         .bind(i64::from(new.auto_accept))
@@ -117,7 +120,11 @@ impl Store {
 
     /// An organization's fleets, by name.
     pub async fn list_fleets(&self, org_id: i64) -> StoreResult<Vec<Fleet>> {
-        let rows = sqlx::query(concat!("SELECT ", fleet_columns!(), " FROM fleets WHERE org_id = $1 ORDER BY name"))
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            fleet_columns!(),
+            " FROM fleets WHERE org_id = $1 ORDER BY name"
+        ))
         .bind(org_id)
         .fetch_all(&self.pool)
         .await?;
@@ -126,7 +133,11 @@ impl Store {
 
     /// One fleet of an organization, by name.
     pub async fn fleet_by_name(&self, org_id: i64, name: &str) -> StoreResult<Option<Fleet>> {
-        let row = sqlx::query(concat!("SELECT ", fleet_columns!(), " FROM fleets WHERE org_id = $1 AND name = $2"))
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            fleet_columns!(),
+            " FROM fleets WHERE org_id = $1 AND name = $2"
+        ))
         .bind(org_id)
         .bind(name)
         .fetch_optional(&self.pool)
@@ -136,7 +147,11 @@ impl Store {
 
     /// One fleet of an organization, by ID.
     pub async fn fleet_by_id(&self, org_id: i64, id: i64) -> StoreResult<Option<Fleet>> {
-        let row = sqlx::query(concat!("SELECT ", fleet_columns!(), " FROM fleets WHERE org_id = $1 AND id = $2"))
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            fleet_columns!(),
+            " FROM fleets WHERE org_id = $1 AND id = $2"
+        ))
         .bind(org_id)
         .bind(id)
         .fetch_optional(&self.pool)
@@ -146,7 +161,11 @@ impl Store {
 
     /// The fleet a provisioning key belongs to.
     pub async fn fleet_by_provisioning_key(&self, key: &str) -> StoreResult<Option<Fleet>> {
-        let row = sqlx::query(concat!("SELECT ", fleet_columns!(), " FROM fleets WHERE provisioning_key_hash = $1"))
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            fleet_columns!(),
+            " FROM fleets WHERE provisioning_key_hash = $1"
+        ))
         .bind(token_hash(key))
         .fetch_optional(&self.pool)
         .await?;
@@ -155,7 +174,11 @@ impl Store {
 
     /// The fleet a seed-protocol secret belongs to (only while its seed protocol is on).
     pub async fn fleet_by_seed_secret(&self, secret: &str) -> StoreResult<Option<Fleet>> {
-        let row = sqlx::query(concat!("SELECT ", fleet_columns!(), " FROM fleets WHERE seed_secret = $1"))
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            fleet_columns!(),
+            " FROM fleets WHERE seed_secret = $1"
+        ))
         .bind(secret)
         .fetch_optional(&self.pool)
         .await?;
@@ -170,7 +193,11 @@ impl Store {
         patch: &FleetPatch,
     ) -> StoreResult<Fleet> {
         let mut tx = self.pool.begin().await?;
-        let row = sqlx::query(concat!("SELECT ", fleet_columns!(), " FROM fleets WHERE org_id = $1 AND id = $2"))
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            fleet_columns!(),
+            " FROM fleets WHERE org_id = $1 AND id = $2"
+        ))
         .bind(org_id)
         .bind(fleet_id)
         .fetch_one(&mut *tx)
@@ -189,7 +216,9 @@ impl Store {
             fleet.config = v.clone();
         }
         match patch.seed_protocol {
-            Some(true) if fleet.seed_secret.is_none() => fleet.seed_secret = Some(new_seed_secret()),
+            Some(true) if fleet.seed_secret.is_none() => {
+                fleet.seed_secret = Some(new_seed_secret())
+            }
             Some(false) => fleet.seed_secret = None,
             _ => {}
         }

@@ -171,4 +171,3 @@ CREATE TABLE attempt_events (
 );
 CREATE INDEX attempt_events_attempt ON attempt_events (attempt_id);
 "#;
-

@@ -27,9 +27,7 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Executor as _, Row as _};
 
 pub use attempts::{AttemptEvent, AttemptRecord};
-pub use devices::{
-    Device, DeviceFilter, DeviceGroup, NewDevice, Presence, Reported, SeedCheckin,
-};
+pub use devices::{Device, DeviceFilter, DeviceGroup, NewDevice, Presence, Reported, SeedCheckin};
 pub use fleets::{Fleet, FleetPatch, NewFleet};
 pub use orgs::{ApiToken, Org};
 pub use releases::{NewRelease, Release};
@@ -169,20 +167,29 @@ impl Store {
                 known,
             });
         }
-        for migration in migrations::MIGRATIONS.iter().filter(|m| m.version > current) {
+        for migration in migrations::MIGRATIONS
+            .iter()
+            .filter(|m| m.version > current)
+        {
             let mut tx = sqlx::Connection::begin(&mut *conn).await?;
             // The SQL comes from the compiled-in migration list, never from input.
             sqlx::raw_sql(sqlx::AssertSqlSafe(migration.sql(self.engine)))
                 .execute(&mut *tx)
                 .await?;
-            sqlx::query("INSERT INTO schema_migrations (version, name, applied_at) VALUES ($1, $2, $3)")
-                .bind(migration.version)
-                .bind(migration.name)
-                .bind(now_ms())
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(
+                "INSERT INTO schema_migrations (version, name, applied_at) VALUES ($1, $2, $3)",
+            )
+            .bind(migration.version)
+            .bind(migration.name)
+            .bind(now_ms())
+            .execute(&mut *tx)
+            .await?;
             tx.commit().await?;
-            tracing::info!(version = migration.version, name = migration.name, "applied migration");
+            tracing::info!(
+                version = migration.version,
+                name = migration.name,
+                "applied migration"
+            );
         }
         Ok(())
     }

@@ -117,10 +117,13 @@ impl Store {
         .fetch_one(&mut *tx)
         .await?;
         let seq: i64 = row.try_get("seq")?;
-        let row = sqlx::query(concat!("INSERT INTO releases (org_id, fleet_id, seq, version, device_type, module,
+        let row = sqlx::query(concat!(
+            "INSERT INTO releases (org_id, fleet_id, seq, version, device_type, module,
                 artifact_sha256, artifact_size, artifact_format, signature, notes, created_at)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
-             RETURNING ", release_columns!()))
+             RETURNING ",
+            release_columns!()
+        ))
         .bind(org_id)
         .bind(fleet_id)
         .bind(seq)
@@ -143,8 +146,12 @@ impl Store {
 
     /// A fleet's releases, newest first.
     pub async fn list_releases(&self, org_id: i64, fleet_id: i64) -> StoreResult<Vec<Release>> {
-        let rows = sqlx::query(concat!("SELECT ", release_columns!(), " FROM releases WHERE org_id = $1 AND fleet_id = $2
-             ORDER BY seq DESC"))
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            release_columns!(),
+            " FROM releases WHERE org_id = $1 AND fleet_id = $2
+             ORDER BY seq DESC"
+        ))
         .bind(org_id)
         .bind(fleet_id)
         .fetch_all(&self.pool)
@@ -159,8 +166,12 @@ impl Store {
         fleet_id: i64,
         version: &str,
     ) -> StoreResult<Option<Release>> {
-        let row = sqlx::query(concat!("SELECT ", release_columns!(), " FROM releases
-             WHERE org_id = $1 AND fleet_id = $2 AND version = $3"))
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            release_columns!(),
+            " FROM releases
+             WHERE org_id = $1 AND fleet_id = $2 AND version = $3"
+        ))
         .bind(org_id)
         .bind(fleet_id)
         .bind(version)
@@ -176,7 +187,11 @@ impl Store {
         fleet_id: i64,
         seq: i64,
     ) -> StoreResult<Option<Release>> {
-        let row = sqlx::query(concat!("SELECT ", release_columns!(), " FROM releases WHERE org_id = $1 AND fleet_id = $2 AND seq = $3"))
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            release_columns!(),
+            " FROM releases WHERE org_id = $1 AND fleet_id = $2 AND seq = $3"
+        ))
         .bind(org_id)
         .bind(fleet_id)
         .bind(seq)
@@ -187,7 +202,11 @@ impl Store {
 
     /// A release by ID, within an organization.
     pub async fn release_by_id(&self, org_id: i64, id: i64) -> StoreResult<Option<Release>> {
-        let row = sqlx::query(concat!("SELECT ", release_columns!(), " FROM releases WHERE org_id = $1 AND id = $2"))
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            release_columns!(),
+            " FROM releases WHERE org_id = $1 AND id = $2"
+        ))
         .bind(org_id)
         .bind(id)
         .fetch_optional(&self.pool)
@@ -310,11 +329,12 @@ impl Store {
         org_id: i64,
         sha256: &str,
     ) -> StoreResult<Option<(i64, Option<ArtifactFormat>)>> {
-        let row = sqlx::query("SELECT size, format FROM artifacts WHERE org_id = $1 AND sha256 = $2")
-            .bind(org_id)
-            .bind(sha256)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row =
+            sqlx::query("SELECT size, format FROM artifacts WHERE org_id = $1 AND sha256 = $2")
+                .bind(org_id)
+                .bind(sha256)
+                .fetch_optional(&self.pool)
+                .await?;
         row.map(|row| {
             let format: Option<String> = row.try_get("format")?;
             Ok((
