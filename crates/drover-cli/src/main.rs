@@ -38,7 +38,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the hub server (or manage its organizations).
-    Hub(cmd::hub::HubArgs),
+    Hub(Box<cmd::hub::HubArgs>),
     /// Run a hub and a fleet of agents locally, and deploy a release to them.
     Demo(demo::DemoArgs),
     /// Save the hub URL, token and CA file for later commands.
@@ -135,7 +135,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         cli_config: cli.cli_config.unwrap_or_else(profile::default_path),
     };
     match cli.command {
-        Command::Hub(args) => cmd::hub::run(args).await,
+        Command::Hub(args) => cmd::hub::run(*args).await,
         Command::Demo(args) => demo::run(&ctx, args).await,
         Command::Login(args) => cmd::login::run(&ctx, args).await,
         Command::Fleet(command) => cmd::fleet::run(&ctx, command).await,

@@ -1,6 +1,8 @@
 //! The `drover` binary as an operator uses it, against a real hub: login, keys, fleets,
 //! signed releases, deploys, devices, status, the demo — and the errors a new user will hit.
 
+#![allow(clippy::unwrap_used, reason = "a panic is how a test fails")]
+
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;

@@ -179,19 +179,20 @@ impl HubConfig {
                 "max_json_bytes must be at least 1024".into(),
             ));
         }
-        if let Some(url) = &self.public_url {
-            if !(url.starts_with("http://") || url.starts_with("https://")) {
-                return Err(ConfigError::Invalid(format!(
-                    "public_url must start with http:// or https://, got {url:?}"
-                )));
-            }
+        if let Some(url) = &self.public_url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return Err(ConfigError::Invalid(format!(
+                "public_url must start with http:// or https://, got {url:?}"
+            )));
         }
-        if let Some(tls) = &self.tls {
-            if !tls.self_signed && (tls.cert.is_none() || tls.key.is_none()) {
-                return Err(ConfigError::Invalid(
-                    "[tls] needs both cert and key, or self_signed = true".into(),
-                ));
-            }
+        if let Some(tls) = &self.tls
+            && !tls.self_signed
+            && (tls.cert.is_none() || tls.key.is_none())
+        {
+            return Err(ConfigError::Invalid(
+                "[tls] needs both cert and key, or self_signed = true".into(),
+            ));
         }
         Ok(())
     }

@@ -21,10 +21,10 @@ pub async fn target_release(
     device: &Device,
     fleet: &Fleet,
 ) -> StoreResult<Option<Release>> {
-    if let Some(pinned) = device.pinned_release_id {
-        if let Some(release) = store.release_by_id(device.org_id, pinned).await? {
-            return Ok(Some(release));
-        }
+    if let Some(pinned) = device.pinned_release_id
+        && let Some(release) = store.release_by_id(device.org_id, pinned).await?
+    {
+        return Ok(Some(release));
     }
     store
         .target_for(device.org_id, fleet.id, &device.device_type)

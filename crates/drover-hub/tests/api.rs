@@ -2,6 +2,8 @@
 //! PostgreSQL when `DROVER_TEST_POSTGRES_URL` is set. The device side here is a small client
 //! written from docs/protocol.md, not the agent, so that the protocol itself is what is tested.
 
+#![allow(clippy::unwrap_used, reason = "a panic is how a test fails")]
+
 use drover_protocol::device::{
     CheckinRequest, DesiredState, EnrollRequest, Facts, Module, ReportBatch, ReportState,
     UpdateReport, UpdateStatus,

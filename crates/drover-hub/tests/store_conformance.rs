@@ -2,6 +2,8 @@
 //! `DROVER_TEST_POSTGRES_URL` is set; CI always sets it), so that both engines keep exactly the
 //! same behaviour behind the one `Store` interface.
 
+#![allow(clippy::unwrap_used, reason = "a panic is how a test fails")]
+
 use drover_hub::store::{
     DeviceFilter, FleetPatch, NewDevice, NewFleet, NewRelease, Presence, Reported, SeedCheckin,
     Store, StoreError,

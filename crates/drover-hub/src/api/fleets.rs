@@ -436,7 +436,8 @@ pub async fn status(
             .collect(),
         releases: Vec::new(),
     };
-    let mut pinned_versions = std::collections::HashMap::new();
+    let mut pinned_versions: std::collections::HashMap<i64, Option<String>> =
+        std::collections::HashMap::new();
     for group in groups {
         status.devices += group.count;
         match group.status {
@@ -450,17 +451,17 @@ pub async fn status(
         status.accepted += group.count;
         status.online += group.online;
         let target = match group.pinned_release_id {
-            Some(id) => {
-                if !pinned_versions.contains_key(&id) {
+            Some(id) => match pinned_versions.entry(id) {
+                std::collections::hash_map::Entry::Occupied(e) => e.get().clone(),
+                std::collections::hash_map::Entry::Vacant(e) => {
                     let version = hub
                         .store
                         .release_by_id(op.org_id, id)
                         .await?
                         .map(|r| r.version);
-                    pinned_versions.insert(id, version);
+                    e.insert(version).clone()
                 }
-                pinned_versions.get(&id).cloned().flatten()
-            }
+            },
             None => targets
                 .iter()
                 .find(|(t, _)| *t == group.device_type)
