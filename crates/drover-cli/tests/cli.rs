@@ -136,6 +136,8 @@ async fn an_operator_signs_deploys_and_manages_devices() {
         devices[0]["id"].as_str().map(String::from)
     })
     .await;
+    let types = cli.ok(&["device", "types"]).await;
+    assert!(types.contains("rpi4"), "{types}");
     let out = cli.ok(&["device", "accept", &id]).await;
     assert!(out.contains("Accepted"), "{out}");
 

@@ -58,7 +58,7 @@ macro_rules! conformance {
 }
 
 conformance!(
-    migrations_are_recorded_and_idempotent,
+    migrations_are_recorded_and_device_types_counted,
     tokens_are_found_by_hash_and_revocable,
     fleet_names_are_unique_per_organization,
     fleet_settings_change_and_seed_secrets_come_and_go,
@@ -117,7 +117,30 @@ mod cases {
         }
     }
 
-    pub async fn migrations_are_recorded_and_idempotent(store: &Store) {
+    pub async fn migrations_are_recorded_and_device_types_counted(store: &Store) {
+        let a = org(store, "a").await;
+        let f = fleet(store, a, "solar").await;
+        store
+            .create_device(a, &new_device(f.id, "k1", "c1"))
+            .await
+            .unwrap();
+        store
+            .record_device_type(a, "rpi4", "aarch64")
+            .await
+            .unwrap();
+        store.record_device_type(a, "rpi4", "").await.unwrap();
+        store
+            .record_device_type(a, "x86-box", "x86_64")
+            .await
+            .unwrap();
+        let types = store.list_device_types(a).await.unwrap();
+        assert_eq!(
+            types
+                .iter()
+                .map(|t| (t.name.as_str(), t.arch.as_str(), t.devices))
+                .collect::<Vec<_>>(),
+            vec![("rpi4", "aarch64", 1), ("x86-box", "x86_64", 0)]
+        );
         let latest = drover_hub::store::migrations::MIGRATIONS
             .last()
             .unwrap()

@@ -22,6 +22,8 @@ pub enum DeviceCommand {
         #[arg(long)]
         status: Option<String>,
     },
+    /// List the device types (hardware) the organization's devices run on.
+    Types,
     /// Show a device: who it is, what it runs, its last update attempts.
     Show {
         /// The device ID (as printed on its label).
@@ -118,6 +120,19 @@ pub async fn run(ctx: &Ctx, command: DeviceCommand) -> anyhow::Result<ExitCode> 
                     &rows
                 )
             );
+        }
+        DeviceCommand::Types => {
+            let types: Value = client.get("/api/v1/device-types").await?;
+            if ctx.json() {
+                return ctx.print_json(&types).map(|()| ExitCode::SUCCESS);
+            }
+            let rows: Vec<Vec<String>> = types
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|t| vec![field(t, "name"), field(t, "arch"), field(t, "devices")])
+                .collect();
+            print!("{}", table::render(&["TYPE", "ARCH", "DEVICES"], &rows));
         }
         DeviceCommand::Show { id } => {
             let device: Value = client.get(&format!("/api/v1/devices/{id}")).await?;

@@ -99,7 +99,11 @@ pub async fn enroll(
                 agent_version: req.agent_version.clone(),
                 facts: req.facts.clone(),
             };
-            hub.store.create_device(fleet.org_id, &new).await?
+            let device = hub.store.create_device(fleet.org_id, &new).await?;
+            hub.store
+                .record_device_type(fleet.org_id, &req.device_type, &req.facts.arch)
+                .await?;
+            device
         }
     };
     tracing::info!(device = %device.id, fleet = %fleet.name, status = device.status.as_str(), "device enrolled");

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use super::fleets::{check_config, check_release_fits, is_online};
 use crate::error::{ApiError, ApiJson, ApiQuery};
 use crate::state::{HubState, Operator};
-use crate::store::{AttemptRecord, Device, DeviceFilter, Fleet, now_ms};
+use crate::store::{AttemptRecord, Device, DeviceFilter, DeviceType, Fleet, now_ms};
 
 /// A device as the API shows it.
 #[derive(Debug, Serialize)]
@@ -310,4 +310,12 @@ pub async fn attempts(
     Ok(axum::Json(
         hub.store.list_attempts(op.org_id, &id, 50).await?,
     ))
+}
+
+/// `GET /api/v1/device-types`: the hardware the organization's devices run on.
+pub async fn device_types(
+    State(hub): State<HubState>,
+    op: Operator,
+) -> Result<axum::Json<Vec<DeviceType>>, ApiError> {
+    Ok(axum::Json(hub.store.list_device_types(op.org_id).await?))
 }

@@ -55,6 +55,7 @@ pub fn router(hub: HubState) -> Router {
             get(releases::show),
         )
         .route("/api/v1/devices", get(devices::list))
+        .route("/api/v1/device-types", get(devices::device_types))
         .route(
             "/api/v1/devices/{id}",
             get(devices::show).patch(devices::update),

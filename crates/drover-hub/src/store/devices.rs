@@ -127,6 +127,19 @@ pub struct SeedCheckin {
     pub remote_ip: Option<String>,
 }
 
+/// A device type (hardware and architecture) and how many devices have it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DeviceType {
+    /// Its name, such as `raspberrypi4-arm64`.
+    pub name: String,
+    /// The CPU architecture its devices report, such as `aarch64`.
+    pub arch: String,
+    /// How many devices of the organization have it.
+    pub devices: i64,
+    /// When it was first seen.
+    pub created_at: i64,
+}
+
 /// Devices of a fleet that look alike, counted (the rows of a fleet's status view).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct DeviceGroup {
@@ -603,6 +616,46 @@ impl Store {
                     pinned_release_id: row.try_get("pinned_release_id")?,
                     count: row.try_get("n")?,
                     online: row.try_get("online")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Records a device type seen at enrolment (its architecture as the device reports it).
+    pub async fn record_device_type(&self, org_id: i64, name: &str, arch: &str) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO device_types (org_id, name, arch, created_at) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (org_id, name) DO UPDATE SET arch = CASE
+                WHEN excluded.arch = '' THEN device_types.arch ELSE excluded.arch END",
+        )
+        .bind(org_id)
+        .bind(name)
+        .bind(arch)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// An organization's device types, by name, with device counts.
+    pub async fn list_device_types(&self, org_id: i64) -> StoreResult<Vec<DeviceType>> {
+        let rows = sqlx::query(
+            "SELECT t.name, t.arch, t.created_at, COUNT(d.id) AS n
+             FROM device_types t
+             LEFT JOIN devices d ON d.org_id = t.org_id AND d.device_type = t.name
+             WHERE t.org_id = $1
+             GROUP BY t.name, t.arch, t.created_at ORDER BY t.name",
+        )
+        .bind(org_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(DeviceType {
+                    name: row.try_get("name")?,
+                    arch: row.try_get("arch")?,
+                    devices: row.try_get("n")?,
+                    created_at: row.try_get("created_at")?,
                 })
             })
             .collect()

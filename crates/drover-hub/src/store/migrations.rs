@@ -73,6 +73,14 @@ CREATE TABLE fleets (
     UNIQUE (org_id, name)
 );
 
+CREATE TABLE device_types (
+    org_id BIGINT NOT NULL REFERENCES organizations(id),
+    name TEXT NOT NULL,
+    arch TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    PRIMARY KEY (org_id, name)
+);
+
 CREATE TABLE artifacts (
     org_id BIGINT NOT NULL REFERENCES organizations(id),
     sha256 TEXT NOT NULL,

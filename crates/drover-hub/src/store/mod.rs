@@ -27,7 +27,9 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Executor as _, Row as _};
 
 pub use attempts::{AttemptEvent, AttemptRecord};
-pub use devices::{Device, DeviceFilter, DeviceGroup, NewDevice, Presence, Reported, SeedCheckin};
+pub use devices::{
+    Device, DeviceFilter, DeviceGroup, DeviceType, NewDevice, Presence, Reported, SeedCheckin,
+};
 pub use fleets::{Fleet, FleetPatch, NewFleet};
 pub use orgs::{ApiToken, Org};
 pub use releases::{NewRelease, Release};
