@@ -2,7 +2,7 @@
 //! their own task, so that check-ins go on while an update installs (the seed updater froze for
 //! up to an hour while a script ran).
 //!
-//! Everything that can wake the loop is one [`Event`]: shutdown, a due check-in, a due update
+//! Everything that can wake the loop is one `Event`: shutdown, a due check-in, a due update
 //! retry, the update task ending, and new reports in the outbox.
 
 use std::sync::{Arc, Mutex, MutexGuard};

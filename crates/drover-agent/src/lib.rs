@@ -19,7 +19,7 @@
 //! - [`layout`], [`fsutil`], [`outbox`]: the state directory and crash-safe writes.
 //! - [`schedule`]: intervals, jitter, backoff.
 //! - [`crash`]: the `DROVER_AGENT_CRASH_AT` test hook.
-//! - [`status`]: `drover-agent status`.
+//! - [`mod@status`]: `drover-agent status`.
 
 pub mod agent;
 pub mod app;
