@@ -150,6 +150,8 @@ impl Agent {
         tracing::info!(device = ?device, state_dir = %self.paths.root().display(), "drover-agent starting");
         self.reconcile_app_link()
             .context("reconciling the app's current symlink with state.json")?;
+        self.settle_after_restart()
+            .context("tidying the state directory")?;
         // An update interrupted by a crash is finished (or rolled back) at once, hub or not.
         self.maybe_start_update(&shutdown);
         loop {
@@ -577,6 +579,28 @@ impl Agent {
                 tracing::error!(error = %e, "the update task crashed while stopping");
             }
         }
+    }
+
+    /// Finishes what a crash may have cut short outside an attempt: the desired state is applied
+    /// to the failure counts again (the crash may have come between writing `desired.json` and
+    /// `state.json`; applying it twice changes nothing), and when no attempt is in progress the
+    /// unpack area and downloads other than the target's are removed.
+    fn settle_after_restart(&mut self) -> Result<(), FileError> {
+        if let Some(desired) = &self.desired {
+            self.store().update(|s| s.apply_desired(desired))?;
+        }
+        if self.store().get().attempt.is_some() {
+            return Ok(());
+        }
+        let work = self.paths.work_dir();
+        fsutil::remove_if_exists(&work)?;
+        fsutil::create_dir_all(&work, 0o700)?;
+        let target = self
+            .desired
+            .as_ref()
+            .and_then(|d| d.release.as_ref())
+            .map(|r| r.sha256.as_str());
+        crate::download::remove_stale(&self.paths.downloads_dir(), target)
     }
 
     /// When no attempt is in progress, makes `state.json` and the `current` symlink agree. The

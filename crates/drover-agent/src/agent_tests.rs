@@ -498,3 +498,51 @@ async fn a_release_key_given_to_the_fleet_after_enrolment_is_fetched() {
     assert_eq!(hub.state().enrolments, 2);
     assert!(!hub.report_states("9.0").contains(&"failure"));
 }
+
+#[tokio::test]
+async fn a_retry_generation_saved_just_before_a_crash_still_releases_the_hold() {
+    let hub = FakeHub::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let offer = hub.deploy("10.0", Module::Script, &script_release(dir.path(), "ran"));
+    let desired = {
+        let mut state = hub.state();
+        let desired = state.desired.as_mut().unwrap();
+        desired.retry_generation = 1;
+        desired.clone()
+    };
+    let config = config(&hub, dir.path());
+    let paths = crate::layout::StateDir::new(&config.state_dir);
+    paths.create().unwrap();
+    // The crash came after desired.json was written and before state.json forgot the failures.
+    crate::fsutil::write_json_atomic(&paths.desired_json(), &desired, 0o644).unwrap();
+    let held = crate::update::state::UpdateState {
+        failures: Some(crate::update::state::FailureRecord {
+            release: offer.version.clone(),
+            failures: 2,
+            retry_at_ms: 0,
+            held: true,
+            last_error: "boom".into(),
+        }),
+        retry_generation: 0,
+        ..Default::default()
+    };
+    crate::fsutil::write_json_atomic(&paths.state_json(), &held, 0o644).unwrap();
+    fs::create_dir_all(paths.work_dir().join("old-leftover")).unwrap();
+    fs::write(paths.downloads_dir().join("f".repeat(64)), b"stale").unwrap();
+    let agent = start(config);
+
+    wait_until("the success report", || {
+        hub.report_states("10.0").contains(&"success")
+    })
+    .await;
+    agent.stop().await;
+    assert!(!paths.work_dir().join("old-leftover").exists());
+    assert!(!paths.downloads_dir().join("f".repeat(64)).exists());
+    // The hub answered every check-in with 204: the agent already had this desired state.
+    assert!(
+        hub.state()
+            .checkins
+            .iter()
+            .all(|(_, c)| c.desired_etag.is_some())
+    );
+}
