@@ -25,3 +25,7 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// The most update output (script stdout and stderr, captured together) a report may carry.
 /// Agents truncate to this, keeping the head and the tail; hubs refuse longer reports.
 pub const MAX_OUTPUT_BYTES: usize = 64 * 1024;
+
+/// The longest one-line message (a report's `message`, a check-in's update message) a hub
+/// accepts. Agents cut theirs to this.
+pub const MAX_MESSAGE_BYTES: usize = 4096;

@@ -12,7 +12,7 @@ use drover_protocol::device::{
 };
 use drover_protocol::ids::{TokenKind, generate_token, token_hash};
 use drover_protocol::signing::{ReleasePublicKey, enrolment_message};
-use drover_protocol::{MAX_OUTPUT_BYTES, PROTOCOL_VERSION, validate};
+use drover_protocol::{MAX_MESSAGE_BYTES, MAX_OUTPUT_BYTES, PROTOCOL_VERSION, validate};
 
 use crate::cache::CachedDevice;
 use crate::error::{ApiError, ApiJson};
@@ -220,11 +220,11 @@ async fn record_reported(
             .update
             .message
             .as_ref()
-            .is_some_and(|m| m.len() > 4096)
+            .is_some_and(|m| m.len() > MAX_MESSAGE_BYTES)
     {
         return Err(ApiError::bad_request(
             "invalid_checkin",
-            "versions are limited to 64 bytes and update messages to 4096",
+            format!("versions are limited to 64 bytes and update messages to {MAX_MESSAGE_BYTES}"),
         ));
     }
     hub.store.record_reported(&device.id, &reported).await?;
@@ -252,7 +252,10 @@ pub async fn reports(
             .output
             .as_ref()
             .is_some_and(|o| o.len() > MAX_OUTPUT_BYTES)
-            || report.message.as_ref().is_some_and(|m| m.len() > 4096)
+            || report
+                .message
+                .as_ref()
+                .is_some_and(|m| m.len() > MAX_MESSAGE_BYTES)
         {
             return Err(ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
