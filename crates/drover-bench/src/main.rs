@@ -69,7 +69,7 @@ struct CheckinArgs {
     #[arg(long, default_value_t = 3)]
     warmup: u64,
     /// wrk loads as THREADSxCONNECTIONS; each is measured against both servers.
-    #[arg(long = "load", value_delimiter = ',', default_value = "2x64,1x16")]
+    #[arg(long = "load", value_delimiter = ',', default_value = "2x64,1x64")]
     loads: Vec<String>,
 }
 
@@ -140,12 +140,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let report = checkin::run(args.options()?)
                 .await
                 .context("the check-in benchmark")?;
+            println!("{}", report::machine_section(&machine));
             println!("{}", report::checkin_section(&report));
         }
         Command::Agent(args) => {
             let report = agent::run(args.options()?)
                 .await
                 .context("the agent benchmark")?;
+            println!("{}", report::machine_section(&machine));
             println!("{}", report::agent_section(&report));
         }
         Command::All {

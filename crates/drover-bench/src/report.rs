@@ -249,6 +249,7 @@ impl LoadSummary {
 /// Section 2: the agent's size and memory.
 pub fn agent_section(report: &agent::Report) -> String {
     let mut out = String::from("## 2. The agent's footprint\n\n");
+    out.push_str("MB here is 10^6 bytes and MiB 2^20 bytes; the goals are read in MB, the stricter unit.\n\n");
     let bytes = report.binary_bytes;
     let size_met = bytes <= AGENT_SIZE_GOAL_BYTES;
     let _ = writeln!(
@@ -257,7 +258,7 @@ pub fn agent_section(report: &agent::Report) -> String {
          workspace's release profile strips symbols{}), measured with \
          `./target/release/drover-bench agent` (part of `all`): **{bytes} bytes = {:.2} MB \
          ({:.2} MiB)**. Goal: at most 8 MB (8,000,000 bytes). **{}**.\n",
-        report.binary.display(),
+        display_path(&report.binary),
         if report.has_symbols {
             "; this one still has a symbol table, so it was not built with that profile"
         } else {
@@ -304,6 +305,20 @@ pub fn agent_section(report: &agent::Report) -> String {
         yes_no(rss_met),
     );
     out
+}
+
+/// A path relative to the current directory when it is inside it (the repository root, when
+/// run as documented), so the report does not name one machine's folders.
+fn display_path(path: &std::path::Path) -> String {
+    let relative = std::env::current_dir().ok().and_then(|dir| {
+        path.strip_prefix(dir)
+            .ok()
+            .map(std::path::Path::to_path_buf)
+    });
+    relative
+        .unwrap_or_else(|| path.to_path_buf())
+        .display()
+        .to_string()
 }
 
 fn yes_no(met: bool) -> &'static str {
