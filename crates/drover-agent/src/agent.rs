@@ -3,7 +3,11 @@
 //! up to an hour while a script ran).
 //!
 //! Everything that can wake the loop is one `Event`: shutdown, a due check-in, a due update
-//! retry, the update task ending, and new reports in the outbox.
+//! retry, the update task ending, the reload command ending, and new reports in the outbox.
+//!
+//! A new desired config is written to `config.json` at once; when it came without a new release
+//! to install, `[app] reload` runs (see [`crate::device_config`]). The reload command and an
+//! update never run at the same time.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -23,6 +27,7 @@ use crate::app::{self, AppLayout};
 use crate::client::{HubClient, HubError};
 use crate::config::{AgentConfig, HARD_MIN_INTERVAL};
 use crate::crash::CrashPoints;
+use crate::device_config;
 use crate::facts::{self, FactsTracker};
 use crate::fsutil::{self, FileError};
 use crate::identity::{self, Enrolment, IdentityError};
@@ -54,6 +59,8 @@ enum Event {
     UpdateDue,
     /// The update task ended.
     UpdateDone(Result<Result<RunEnd, UpdateError>, JoinError>),
+    /// The reload command ended.
+    ReloadDone,
     /// Reports were added to the outbox.
     ReportsWaiting,
 }
@@ -96,6 +103,10 @@ struct Agent {
     desired: Option<DesiredState>,
     crash: CrashPoints,
     task: Option<Task>,
+    /// The `[app] reload` command, while it runs.
+    reload: Option<JoinHandle<()>>,
+    /// The config changed without a new app release to carry it; reload when nothing else runs.
+    reload_due: bool,
     next_poll: Instant,
     poll_errors: u32,
     update_retry_at: Option<Instant>,
@@ -120,6 +131,10 @@ impl Agent {
         let store = StateStore::open(&paths.state_json())?;
         let outbox = Outbox::open(&paths.outbox_dir())?;
         let desired = fsutil::read_json::<DesiredState>(&paths.desired_json())?;
+        let config_now = desired
+            .as_ref()
+            .map_or(&serde_json::Value::Null, |d| &d.config);
+        device_config::write_if_missing(&paths.config_json(), config_now)?;
         Ok(Agent {
             config: Arc::new(config),
             paths,
@@ -132,6 +147,8 @@ impl Agent {
             desired,
             crash,
             task: None,
+            reload: None,
+            reload_due: false,
             next_poll: Instant::now(),
             poll_errors: 0,
             update_retry_at: None,
@@ -172,6 +189,11 @@ impl Agent {
                     self.maybe_start_update(&shutdown);
                 }
                 Event::UpdateDone(result) => self.update_done(result, &shutdown),
+                Event::ReloadDone => {
+                    self.reload = None;
+                    self.maybe_start_update(&shutdown);
+                    self.maybe_reload(&shutdown);
+                }
                 Event::ReportsWaiting => {
                     tokio::select! {
                         () = shutdown.cancelled() => {}
@@ -189,6 +211,7 @@ impl Agent {
         let retry_at = self.update_retry_at;
         let outbox_changed = self.outbox_changed.clone();
         let task = &mut self.task;
+        let reload = &mut self.reload;
         tokio::select! {
             biased;
             () = shutdown.cancelled() => Event::Shutdown,
@@ -198,6 +221,12 @@ impl Agent {
                     None => std::future::pending().await,
                 }
             } => Event::UpdateDone(result),
+            _ = async {
+                match reload {
+                    Some(handle) => handle.await,
+                    None => std::future::pending().await,
+                }
+            } => Event::ReloadDone,
             () = tokio::time::sleep_until(next_poll) => Event::PollDue,
             () = async {
                 match retry_at {
@@ -285,6 +314,7 @@ impl Agent {
             self.refresh_release_key_if_needed().await;
         }
         self.maybe_start_update(shutdown);
+        self.maybe_reload(shutdown);
         Ok(())
     }
 
@@ -337,8 +367,18 @@ impl Agent {
     }
 
     /// Keeps the new desired state (on disk first, so a restart while offline still knows the
-    /// target) and lets it reset failure counts.
+    /// target) and lets it reset failure counts. A changed config goes to `config.json` first:
+    /// after a crash between the two writes the hub sends the state again, the change is seen
+    /// again, and the reload runs then.
     fn apply_desired(&mut self, desired: DesiredState) -> Result<(), FileError> {
+        let old_config = self
+            .desired
+            .as_ref()
+            .map_or(&serde_json::Value::Null, |d| &d.config);
+        if device_config::differs(old_config, &desired.config) {
+            device_config::write(&self.paths.config_json(), &desired.config)?;
+            self.reload_due = true;
+        }
         fsutil::write_json_atomic(&self.paths.desired_json(), &desired, fsutil::PUBLIC)?;
         self.store().update(|s| s.apply_desired(&desired))?;
         let target = desired.release.as_ref().map(|r| r.version.as_str());
@@ -456,7 +496,7 @@ impl Agent {
     // ----- updates -----
 
     fn maybe_start_update(&mut self, shutdown: &CancellationToken) {
-        if self.task.is_some() || self.update_retry_at.is_some() {
+        if self.task.is_some() || self.update_retry_at.is_some() || self.reload.is_some() {
             return;
         }
         loop {
@@ -498,6 +538,10 @@ impl Agent {
                         self.defer_update();
                         return;
                     }
+                    if attempt.offer.module == Module::App {
+                        // The new release starts with the new config: no reload needed.
+                        self.reload_due = false;
+                    }
                     break;
                 }
             }
@@ -509,6 +553,49 @@ impl Agent {
             handle,
             cancel_download,
         });
+    }
+
+    /// Runs `[app] reload` in the committed app release if the config changed and no update is
+    /// running (one that is running finishes first; its start command saw the old config).
+    fn maybe_reload(&mut self, shutdown: &CancellationToken) {
+        if !self.reload_due || self.task.is_some() || self.reload.is_some() {
+            return;
+        }
+        self.reload_due = false;
+        if self.config.app.reload.is_none() {
+            return;
+        }
+        let layout = AppLayout::new(self.config.app_root());
+        let current = self
+            .store()
+            .get()
+            .current
+            .clone()
+            .filter(|c| c.module == Module::App)
+            .map(|c| c.version)
+            .filter(|v| layout.release_dir(v).is_dir());
+        let Some(release) = current else {
+            tracing::debug!("the config changed, but no app release is installed to reload");
+            return;
+        };
+        let config = self
+            .desired
+            .as_ref()
+            .map_or(&serde_json::Value::Null, |d| &d.config);
+        let hooks = app::Hooks {
+            config: self.config.app.clone(),
+            apps_root: self.config.apps_root(),
+            config_json: device_config::config_text(config),
+            config_file: self.paths.config_json(),
+            log: self.paths.work_dir().join(".reload.log"),
+        };
+        let dir = layout.release_dir(&release);
+        self.reload = Some(tokio::spawn(device_config::reload(
+            hooks,
+            release,
+            dir,
+            shutdown.child_token(),
+        )));
     }
 
     fn runner_context(&self, shutdown: &CancellationToken) -> runner::Context {
@@ -559,6 +646,7 @@ impl Agent {
         }
         if !shutdown.is_cancelled() {
             self.maybe_start_update(shutdown);
+            self.maybe_reload(shutdown);
         }
     }
 
@@ -571,6 +659,10 @@ impl Agent {
     }
 
     async fn stop_task(&mut self) {
+        if let Some(reload) = self.reload.take() {
+            // Its token is a child of `shutdown`: the command's process group is being killed.
+            let _ = reload.await;
+        }
         if let Some(task) = self.task.take() {
             // The task's tokens are children of `shutdown`, so it is already stopping: a running
             // command's process group is killed, and the step stays in state.json for the next
@@ -645,7 +737,3 @@ impl Agent {
         })
     }
 }
-
-#[cfg(test)]
-#[path = "agent_tests.rs"]
-mod tests;

@@ -162,6 +162,8 @@ pub enum Hook {
     Start,
     /// `[app] health`.
     Health,
+    /// `[app] reload`, after a config-only change.
+    Reload,
 }
 
 impl Hook {
@@ -170,6 +172,7 @@ impl Hook {
             Hook::Stop => "the stop command",
             Hook::Start => "the start command",
             Hook::Health => "the health check",
+            Hook::Reload => "the reload command",
         }
     }
 }
@@ -183,6 +186,8 @@ pub struct Hooks {
     pub apps_root: PathBuf,
     /// The device config as JSON (`config`).
     pub config_json: String,
+    /// `<state_dir>/config.json` (`DROVER_CONFIG_FILE`).
+    pub config_file: PathBuf,
     /// Where command output is captured while a command runs.
     pub log: PathBuf,
 }
@@ -226,6 +231,7 @@ impl Hooks {
             Hook::Stop => &self.config.stop,
             Hook::Start => &self.config.start,
             Hook::Health => &self.config.health,
+            Hook::Reload => &self.config.reload,
         };
         let Some(line) = line else {
             return Ok(HookResult {
@@ -240,6 +246,10 @@ impl Hooks {
             ("DROVER_RELEASE".into(), release.unwrap_or_default().into()),
             ("DROVER_RELEASE_DIR".into(), dir.display().to_string()),
             ("config".into(), self.config_json.clone()),
+            (
+                "DROVER_CONFIG_FILE".into(),
+                self.config_file.display().to_string(),
+            ),
             ("apps_root".into(), self.apps_root.display().to_string()),
         ];
         let finished: Finished = process::run(&invocation, cancel).await?;
@@ -372,12 +382,14 @@ mod tests {
                         .into(),
                 ),
                 health: health.map(str::to_string),
+                reload: None,
                 health_window: Duration::from_millis(600),
                 health_interval: Duration::from_millis(50),
                 command_timeout: Duration::from_secs(10),
             },
             apps_root: dir.join("apps"),
             config_json: "{}".into(),
+            config_file: dir.join("config.json"),
             log: dir.join("cmd.log"),
         }
     }

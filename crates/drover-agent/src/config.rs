@@ -231,6 +231,10 @@ pub struct AppConfig {
     /// Exits 0 when the new release is healthy.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub health: Option<String>,
+    /// Tells the running release that the config changed (run in its directory after a change of
+    /// the desired config that came without a new release; failures are only logged).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reload: Option<String>,
     /// How long the new release has to become healthy.
     #[serde(with = "crate::duration::text")]
     pub health_window: Duration,
@@ -249,6 +253,7 @@ impl Default for AppConfig {
             stop: None,
             start: None,
             health: None,
+            reload: None,
             health_window: DEFAULT_HEALTH_WINDOW,
             health_interval: DEFAULT_HEALTH_INTERVAL,
             command_timeout: DEFAULT_COMMAND_TIMEOUT,

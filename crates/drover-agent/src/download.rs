@@ -365,11 +365,7 @@ mod tests {
     use drover_protocol::device::Module;
     use drover_protocol::signing::ReleaseSigningKey;
 
-    pub(crate) fn offer_for(
-        bytes: &[u8],
-        key: &ReleaseSigningKey,
-        device_type: Option<&str>,
-    ) -> ReleaseOffer {
+    fn offer_for(bytes: &[u8], key: &ReleaseSigningKey, device_type: Option<&str>) -> ReleaseOffer {
         let sha256 = drover_protocol::ids::sha256_hex(bytes);
         let mut offer = ReleaseOffer {
             version: "1.0".into(),
@@ -408,106 +404,6 @@ mod tests {
         let mut bad_version = offer;
         bad_version.version = "../x".into();
         assert!(check_offer(&bad_version, Some(&public), "rpi4").is_err());
-    }
-
-    fn test_client(hub: &crate::testhub::FakeHub) -> HubClient {
-        let config = crate::config::AgentConfig {
-            hub_url: hub.url.clone(),
-            device_type: "test-device".into(),
-            ..crate::config::AgentConfig::default()
-        };
-        HubClient::new(&config).unwrap()
-    }
-
-    async fn enrolled_hub() -> crate::testhub::FakeHub {
-        let hub = crate::testhub::FakeHub::start().await;
-        hub.state().credential = Some("drv_d_t".into());
-        hub
-    }
-
-    #[tokio::test]
-    async fn a_garbled_part_file_is_downloaded_again_from_the_start() {
-        let hub = enrolled_hub().await;
-        let bytes: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
-        let offer = hub.deploy("1.0", drover_protocol::device::Module::Script, &bytes);
-        let dir = tempfile::tempdir().unwrap();
-        // What a power cut can leave: the right length, the wrong bytes.
-        fs::write(part_path(dir.path(), &offer.sha256), vec![0u8; 1000]).unwrap();
-        let client = test_client(&hub);
-        let crash = CrashPoints::none();
-        let cancel = CancellationToken::new();
-        let downloader = Downloader {
-            client: &client,
-            credential: "drv_d_t",
-            dir: dir.path(),
-            crash: &crash,
-            cancel: &cancel,
-        };
-        let verified = downloader.fetch(&offer).await.unwrap();
-        assert_eq!(fs::read(&verified).unwrap(), bytes);
-        assert!(!part_path(dir.path(), &offer.sha256).exists());
-        let ranges = hub.state().artifact_ranges.clone();
-        assert_eq!(ranges, vec![Some("bytes=1000-".to_string()), None]);
-        // Found verified on disk, it is not fetched again.
-        downloader.fetch(&offer).await.unwrap();
-        assert_eq!(hub.state().artifact_ranges.len(), 2);
-    }
-
-    #[tokio::test]
-    async fn error_answers_are_never_saved_as_the_artifact() {
-        let hub = enrolled_hub().await;
-        let bytes = b"#!/bin/sh\necho hi\n".to_vec();
-        let offer = hub.offer("1.0", drover_protocol::device::Module::Script, &bytes);
-        let dir = tempfile::tempdir().unwrap();
-        let client = test_client(&hub);
-        let crash = CrashPoints::none();
-        let cancel = CancellationToken::new();
-        let downloader = Downloader {
-            client: &client,
-            credential: "drv_d_t",
-            dir: dir.path(),
-            crash: &crash,
-            cancel: &cancel,
-        };
-        // Not stored on the hub: 404.
-        let err = downloader.fetch(&offer).await.unwrap_err();
-        assert!(matches!(err, DownloadError::Rejected(_)), "{err}");
-        // A refused credential: try again later.
-        let wrong = Downloader {
-            credential: "drv_d_wrong",
-            ..downloader
-        };
-        hub.state().artifacts.insert(offer.sha256.clone(), bytes);
-        let err = wrong.fetch(&offer).await.unwrap_err();
-        assert!(matches!(err, DownloadError::Transient(_)), "{err}");
-        assert!(err.to_string().contains("invalid_credential"), "{err}");
-        assert_eq!(
-            fs::read_dir(dir.path()).unwrap().count(),
-            0,
-            "nothing was saved"
-        );
-    }
-
-    #[tokio::test]
-    async fn a_body_larger_than_signed_is_rejected() {
-        let hub = enrolled_hub().await;
-        let bytes = b"#!/bin/sh\necho hi\n".to_vec();
-        let mut offer = hub.deploy("1.0", drover_protocol::device::Module::Script, &bytes);
-        offer.size -= 4;
-        let dir = tempfile::tempdir().unwrap();
-        let client = test_client(&hub);
-        let crash = CrashPoints::none();
-        let cancel = CancellationToken::new();
-        let downloader = Downloader {
-            client: &client,
-            credential: "drv_d_t",
-            dir: dir.path(),
-            crash: &crash,
-            cancel: &cancel,
-        };
-        let err = downloader.fetch(&offer).await.unwrap_err();
-        assert!(err.to_string().contains("more than"), "{err}");
-        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 
     #[test]

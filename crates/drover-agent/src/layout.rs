@@ -7,6 +7,7 @@
 //!   device.json               device ID, fleet, and the release key trusted on first use
 //!   desired.json              the last DesiredState from the hub (with its etag), so that a
 //!                             restart while offline still knows the target
+//!   config.json               the device's effective config from the hub (crate::device_config)
 //!   state.json                the update state machine (crate::update::state)
 //!   outbox/                   reports not yet acknowledged by the hub:
 //!     <seq, 20 digits>.json     one UpdateReport per file
@@ -74,6 +75,11 @@ impl StateDir {
     /// The last desired state.
     pub fn desired_json(&self) -> PathBuf {
         self.root.join("desired.json")
+    }
+
+    /// The device's effective config, for apps and scripts (`DROVER_CONFIG_FILE`).
+    pub fn config_json(&self) -> PathBuf {
+        self.root.join("config.json")
     }
 
     /// The update state machine.

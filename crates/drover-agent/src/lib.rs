@@ -16,6 +16,7 @@
 //! - [`client`]: HTTP calls to the hub's device API.
 //! - [`identity`], [`facts`]: who the device is and what it reports about itself.
 //! - [`config`], [`duration`]: the TOML config.
+//! - [`device_config`]: the hub's config for the device, in `config.json`, and `[app] reload`.
 //! - [`layout`], [`fsutil`], [`outbox`]: the state directory and crash-safe writes.
 //! - [`schedule`]: intervals, jitter, backoff.
 //! - [`crash`]: the `DROVER_AGENT_CRASH_AT` test hook.
@@ -27,6 +28,7 @@ pub mod archive;
 pub mod client;
 pub mod config;
 pub mod crash;
+pub mod device_config;
 pub mod download;
 pub mod duration;
 pub mod facts;
@@ -40,8 +42,6 @@ pub mod script;
 pub mod status;
 pub mod update;
 
-#[cfg(test)]
-mod testhub;
 #[cfg(test)]
 mod testutil;
 

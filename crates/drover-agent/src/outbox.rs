@@ -10,14 +10,12 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use drover_protocol::MAX_MESSAGE_BYTES;
 use drover_protocol::device::{ReportState, UpdateReport, truncate_output};
 
 use crate::fsutil::{self, Context as _, FileError};
 
 const COUNTER_FILE: &str = "next-seq";
-
-/// The longest report message (and check-in update message) the hub accepts, in bytes.
-pub const MAX_MESSAGE_BYTES: usize = 4096;
 
 /// A report before it has a sequence number.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -164,7 +164,7 @@ pub async fn run(inv: &Invocation, cancel: &CancellationToken) -> Result<Finishe
     let ending = match waited {
         Ok(status) => ending_of(status.map_err(wait_error)?),
         Err(ending) => {
-            kill_group(pid, &mut child).await;
+            kill_group(pid, &mut child);
             child.wait().await.map_err(wait_error)?;
             ending
         }
@@ -201,23 +201,15 @@ fn ending_of(status: ExitStatus) -> Ending {
 }
 
 /// Kills the child's whole process group (its ID is the child's PID, see `process_group(0)`).
-///
-/// Without `unsafe` (forbidden in this workspace) there is no `kill(2)` on a process group in
-/// std, so this runs the `kill` program, which every Linux with procps, util-linux or busybox
-/// has. If that fails, at least the child itself is killed.
-async fn kill_group(pid: Option<u32>, child: &mut tokio::process::Child) {
-    if let Some(pid) = pid {
-        let result = tokio::process::Command::new("kill")
-            .args(["-s", "KILL", "--", &format!("-{pid}")])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .await;
-        match result {
-            Ok(status) if status.success() => return,
-            Ok(status) => tracing::warn!(pid, %status, "kill of the process group failed"),
-            Err(e) => tracing::warn!(pid, error = %e, "cannot run kill for the process group"),
+/// If that fails, at least the child itself is killed.
+fn kill_group(pid: Option<u32>, child: &mut tokio::process::Child) {
+    let group = pid
+        .and_then(|pid| i32::try_from(pid).ok())
+        .and_then(rustix::process::Pid::from_raw);
+    if let Some(group) = group {
+        match rustix::process::kill_process_group(group, rustix::process::Signal::KILL) {
+            Ok(()) => return,
+            Err(e) => tracing::warn!(pid = ?pid, error = %e, "kill of the process group failed"),
         }
     }
     let _ = child.start_kill();

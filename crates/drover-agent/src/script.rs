@@ -5,7 +5,8 @@
 //! complete; `update.sh` must sit at its root or exactly one folder down. A bare shell artifact
 //! is itself the script. The script runs with its own folder as the working directory and the
 //! environment variables the seed's scripts expect: `apps_root`, `update_root` (the script's
-//! folder) and `config` (the device's config as a JSON string), plus `DROVER_RELEASE`. It is
+//! folder) and `config` (the device's config as a JSON string), plus `DROVER_RELEASE` and
+//! `DROVER_CONFIG_FILE` (the path of the same config in a file). It is
 //! executed directly, so its `#!` line is honoured and its parent process is the agent.
 
 use std::fs;
@@ -57,6 +58,8 @@ pub struct ScriptEnv {
     pub apps_root: PathBuf,
     /// The device config as JSON (`config`).
     pub config_json: String,
+    /// `<state_dir>/config.json`, the same config as a file (`DROVER_CONFIG_FILE`).
+    pub config_file: PathBuf,
 }
 
 /// The unpack directory for a version, and its in-progress twin.
@@ -151,6 +154,10 @@ pub async fn run(
             ("apps_root".into(), env.apps_root.display().to_string()),
             ("update_root".into(), folder.display().to_string()),
             ("config".into(), env.config_json.clone()),
+            (
+                "DROVER_CONFIG_FILE".into(),
+                env.config_file.display().to_string(),
+            ),
             ("DROVER_RELEASE".into(), env.release.clone()),
         ],
         timeout,
@@ -170,6 +177,7 @@ echo \"apps_root=$apps_root\"
 echo \"update_root=$update_root\"
 echo \"config=$config\"
 echo \"release=$DROVER_RELEASE\"
+echo \"config_file=$DROVER_CONFIG_FILE\"
 echo \"pwd=$(pwd)\"
 echo oops >&2
 ";
@@ -179,6 +187,7 @@ echo oops >&2
             release: "1.2.3".into(),
             apps_root: dir.join("apps"),
             config_json: r#"{"meter":{"name":"a b"}}"#.into(),
+            config_file: dir.join("config.json"),
         }
     }
 
@@ -210,10 +219,11 @@ echo oops >&2
         assert!(done.success(), "{done:?}");
         let folder = work.join("1.2.3/bundle").canonicalize().unwrap();
         let expected = format!(
-            "apps_root={}\nupdate_root={}\nconfig={}\nrelease=1.2.3\npwd={}\noops\n",
+            "apps_root={}\nupdate_root={}\nconfig={}\nrelease=1.2.3\nconfig_file={}\npwd={}\noops\n",
             dir.path().join("apps").display(),
             work.join("1.2.3/bundle").display(),
             r#"{"meter":{"name":"a b"}}"#,
+            dir.path().join("config.json").display(),
             folder.display(),
         );
         assert_eq!(done.output, expected);

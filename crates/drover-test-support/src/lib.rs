@@ -5,7 +5,8 @@
 //! - [`postgres_url`]: the PostgreSQL server tests use (`DROVER_TEST_POSTGRES_URL`); tests that
 //!   need it skip, saying so, when it is unset (CI always sets it);
 //! - [`Api`]: a small client for the management API;
-//! - [`CuttingProxy`]: a TCP proxy that cuts a download off after some bytes;
+//! - [`CuttingProxy`]: a TCP proxy that cuts a download off after some bytes, goes offline on
+//!   demand and records the requests it forwards;
 //! - [`wait_until`]: polling for a condition instead of sleeping;
 //! - [`tar_gz`], [`zip`]: building release archives in memory.
 
@@ -13,7 +14,7 @@ mod archives;
 mod proxy;
 
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -23,7 +24,7 @@ use sqlx::Connection as _;
 use tokio_util::sync::CancellationToken;
 
 pub use archives::{tar_gz, zip};
-pub use proxy::CuttingProxy;
+pub use proxy::{CuttingProxy, SeenRequest};
 
 /// The environment variable naming the PostgreSQL server for tests.
 pub const POSTGRES_ENV: &str = "DROVER_TEST_POSTGRES_URL";
@@ -187,9 +188,14 @@ impl TestHub {
         }))
     }
 
-    /// A management API client with the admin token.
+    /// A management API client with the admin token (trusting the hub's own CA when it made
+    /// one for TLS).
     pub fn api(&self) -> Api {
-        Api::new(&self.url, &self.token)
+        match &self.hub.ca_file {
+            Some(ca_file) => Api::trusting(&self.url, &self.token, ca_file)
+                .expect("the CA file the hub just wrote is readable"),
+            None => Api::new(&self.url, &self.token),
+        }
     }
 
     /// Stops the hub and waits for it (the temporary directory stays until drop).
@@ -225,6 +231,31 @@ impl Api {
             base: base.trim_end_matches('/').to_string(),
             token: token.to_string(),
         }
+    }
+
+    /// A client for `base` with `token` that trusts only the CA certificates in `ca_file`.
+    pub fn trusting(base: &str, token: &str, ca_file: &Path) -> anyhow::Result<Api> {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject as _;
+        install_crypto();
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_file_iter(ca_file)
+            .with_context(|| format!("reading {}", ca_file.display()))?
+        {
+            roots.add(cert?)?;
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(Api {
+            client: reqwest::Client::builder()
+                .tls_backend_preconfigured(tls)
+                .build()?,
+            base: base.trim_end_matches('/').to_string(),
+            token: token.to_string(),
+        })
     }
 
     /// Sends a request; `body` is sent as JSON when given.

@@ -67,7 +67,7 @@ pub fn plan(state: &UpdateState, desired: Option<&DesiredState>, now_ms: i64) ->
     Plan::Start(Box::new(Attempt {
         offer: offer.clone(),
         config: desired.config.clone(),
-        number: failures.map_or(0, |f| f.failures) + 1,
+        number: state.tries_of(&offer.version) + 1,
         old_app: None,
         step: Step::Downloading,
     }))

@@ -21,6 +21,7 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use drover_protocol::MAX_MESSAGE_BYTES;
 use drover_protocol::artifact::ArtifactFormat;
 use drover_protocol::device::{Module, ReportState, truncate_output};
 use drover_protocol::signing::ReleasePublicKey;
@@ -31,10 +32,11 @@ use crate::app::{self, AppLayout, Hook, Hooks};
 use crate::client::HubClient;
 use crate::config::AgentConfig;
 use crate::crash::{CrashPoint, CrashPoints};
+use crate::device_config;
 use crate::download::{self, DownloadError, Downloader};
 use crate::fsutil::{self, FileError};
 use crate::layout::StateDir;
-use crate::outbox::{MAX_MESSAGE_BYTES, Outbox, ReportDraft, now_ms};
+use crate::outbox::{Outbox, ReportDraft, now_ms};
 use crate::schedule;
 use crate::script::{self, ScriptEnv};
 use crate::update::state::{Attempt, FailureRecord, Installed, Outcome, StateStore, Step};
@@ -109,7 +111,8 @@ impl Context {
         Hooks {
             config: self.config.app.clone(),
             apps_root: self.config.apps_root(),
-            config_json: config_json(&attempt.config),
+            config_json: device_config::config_text(&attempt.config),
+            config_file: self.paths.config_json(),
             log: self.paths.work_dir().join(".command.log"),
         }
     }
@@ -146,7 +149,10 @@ impl Context {
 /// Records a new attempt and reports that it began.
 pub fn begin(ctx: &Context, attempt: &Attempt) -> Result<(), FileError> {
     let saved = attempt.clone();
-    ctx.store().update(|s| s.attempt = Some(saved))?;
+    ctx.store().update(|s| {
+        s.record_try(&saved.offer.version, saved.number);
+        s.attempt = Some(saved);
+    })?;
     tracing::info!(release = %attempt.offer.version, attempt = attempt.number, "update begins");
     ctx.report(
         attempt,
@@ -374,7 +380,8 @@ async fn run_script(ctx: &Context, attempt: &Attempt) -> Result<Next, UpdateErro
     let env = ScriptEnv {
         release: attempt.offer.version.clone(),
         apps_root: ctx.config.apps_root(),
-        config_json: config_json(&attempt.config),
+        config_json: device_config::config_text(&attempt.config),
+        config_file: ctx.paths.config_json(),
     };
     fsutil::create_dir_all(&env.apps_root, 0o755)?;
     let timeout = ctx.config.script.effective_timeout();
@@ -590,14 +597,6 @@ fn tidy(ctx: &Context, attempt: &Attempt, success: bool) -> Result<(), FileError
         app::prune(&ctx.layout(), &keep)?;
     }
     Ok(())
-}
-
-fn config_json(config: &serde_json::Value) -> String {
-    if config.is_null() {
-        "{}".to_string()
-    } else {
-        config.to_string()
-    }
 }
 
 fn sniff(path: &std::path::Path) -> Result<Option<ArtifactFormat>, FileError> {

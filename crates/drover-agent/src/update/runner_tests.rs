@@ -45,6 +45,7 @@ fn app_config(dir: &std::path::Path) -> AppConfig {
             "if grep -qx \"$DROVER_RELEASE\" {} 2>/dev/null; then echo unhealthy $DROVER_RELEASE; exit 1; fi",
             fail.display()
         )),
+        reload: None,
         health_window: Duration::from_millis(300),
         health_interval: Duration::from_millis(50),
         command_timeout: Duration::from_secs(10),

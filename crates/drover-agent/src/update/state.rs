@@ -30,6 +30,23 @@ pub struct UpdateState {
     /// The hub's `retry_generation` the failure record belongs to.
     #[serde(default)]
     pub retry_generation: u64,
+    /// How many attempts recent releases have had, most recent last. Kept apart from the
+    /// failure record (which a retry forgets) so that an attempt number is never used twice at
+    /// one release: the hub keys its attempt history by release and number.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tried: Vec<Tried>,
+}
+
+/// How many releases [`UpdateState::tried`] remembers.
+pub const MAX_TRIED: usize = 16;
+
+/// The attempts made at one release.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tried {
+    /// The release.
+    pub release: String,
+    /// The number of its latest attempt.
+    pub attempts: u32,
 }
 
 /// A committed release.
@@ -157,6 +174,27 @@ impl UpdateState {
     /// The failure record, if it is about `release`.
     pub fn failures_of(&self, release: &str) -> Option<&FailureRecord> {
         self.failures.as_ref().filter(|f| f.release == release)
+    }
+
+    /// The number of the latest attempt at `release` (0 if none is remembered).
+    pub fn tries_of(&self, release: &str) -> u32 {
+        let tried = self
+            .tried
+            .iter()
+            .find(|t| t.release == release)
+            .map_or(0, |t| t.attempts);
+        tried.max(self.failures_of(release).map_or(0, |f| f.failures))
+    }
+
+    /// Remembers that attempt `number` at `release` began.
+    pub fn record_try(&mut self, release: &str, number: u32) {
+        self.tried.retain(|t| t.release != release);
+        self.tried.push(Tried {
+            release: release.to_string(),
+            attempts: number,
+        });
+        let excess = self.tried.len().saturating_sub(MAX_TRIED);
+        self.tried.drain(..excess);
     }
 
     /// Applies a new desired state: a new `retry_generation` forgets the failure counts (an
@@ -321,6 +359,31 @@ mod tests {
         state.failures = Some(record("2.0", true, 0));
         state.apply_desired(&desired(Some("3.0"), 2));
         assert!(state.failures.is_none());
+    }
+
+    #[test]
+    fn attempt_numbers_survive_a_retry_and_are_kept_for_recent_releases() {
+        let mut state = UpdateState {
+            failures: Some(record("2.0", true, 0)),
+            ..UpdateState::default()
+        };
+        assert_eq!(state.tries_of("2.0"), 3, "from the failure record");
+        state.record_try("2.0", 3);
+        state.apply_desired(&desired(Some("2.0"), 1));
+        assert!(state.failures.is_none());
+        assert_eq!(
+            state.tries_of("2.0"),
+            3,
+            "a retry forgets failures, not attempts"
+        );
+        for n in 0..MAX_TRIED {
+            state.record_try(&format!("r{n}"), 1);
+        }
+        assert_eq!(state.tried.len(), MAX_TRIED);
+        assert_eq!(state.tries_of("2.0"), 0, "the oldest is forgotten first");
+        state.record_try("r0", 2);
+        assert_eq!(state.tried.last().unwrap().release, "r0");
+        assert_eq!(state.tries_of("r0"), 2);
     }
 
     #[test]
