@@ -8,7 +8,7 @@
 //! - [`CuttingProxy`]: a TCP proxy that cuts a download off after some bytes, goes offline on
 //!   demand and records the requests it forwards;
 //! - [`wait_until`]: polling for a condition instead of sleeping;
-//! - [`tar_gz`], [`zip`]: building release archives in memory.
+//! - [`tar_gz`], [`zip()`]: building release archives in memory.
 
 mod archives;
 mod proxy;
