@@ -155,49 +155,93 @@ impl DeviceCache {
 }
 
 /// Last-seen times waiting to be written.
+///
+/// A batch being written stays readable (`in_flight`) until the write has committed, so that an
+/// operator asking in between never sees a device's last-seen time go back.
 #[derive(Debug, Default)]
 pub struct PresenceBuffer {
-    pending: Mutex<HashMap<DeviceId, Presence>>,
+    inner: Mutex<PresenceInner>,
+}
+
+#[derive(Debug, Default)]
+struct PresenceInner {
+    pending: HashMap<DeviceId, Presence>,
+    in_flight: HashMap<DeviceId, Presence>,
+}
+
+fn merge_presence(into: &mut HashMap<DeviceId, Presence>, id: DeviceId, presence: Presence) {
+    match into.get_mut(&id) {
+        Some(existing) => {
+            existing.at = existing.at.max(presence.at);
+            if presence.remote_ip.is_some() {
+                existing.remote_ip = presence.remote_ip;
+            }
+            if presence.uptime_s.is_some() {
+                existing.uptime_s = presence.uptime_s;
+            }
+        }
+        None => {
+            into.insert(id, presence);
+        }
+    }
 }
 
 impl PresenceBuffer {
+    fn lock(&self) -> std::sync::MutexGuard<'_, PresenceInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Notes that a device checked in.
     pub fn record(&self, id: &DeviceId, presence: Presence) {
-        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        match pending.get_mut(id) {
-            Some(existing) => {
-                existing.at = existing.at.max(presence.at);
-                if presence.remote_ip.is_some() {
-                    existing.remote_ip = presence.remote_ip;
-                }
-                if presence.uptime_s.is_some() {
-                    existing.uptime_s = presence.uptime_s;
-                }
-            }
-            None => {
-                pending.insert(id.clone(), presence);
-            }
-        }
+        merge_presence(&mut self.lock().pending, id.clone(), presence);
     }
 
-    /// Takes everything recorded so far.
+    /// Takes everything recorded so far for writing; it stays visible to [`peek`] until
+    /// [`written`] or [`restore`] is called.
+    ///
+    /// [`peek`]: PresenceBuffer::peek
+    /// [`written`]: PresenceBuffer::written
+    /// [`restore`]: PresenceBuffer::restore
     pub fn drain(&self) -> Vec<(DeviceId, Presence)> {
-        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        std::mem::take(&mut *pending).into_iter().collect()
+        let mut inner = self.lock();
+        let batch = std::mem::take(&mut inner.pending);
+        inner.in_flight.clone_from(&batch);
+        batch.into_iter().collect()
     }
 
-    /// Puts back a batch whose write failed, keeping newer entries recorded meanwhile.
-    pub fn restore(&self, batch: Vec<(DeviceId, Presence)>) {
-        for (id, presence) in batch {
-            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-            pending.entry(id).or_insert(presence);
+    /// The drained batch is in the database.
+    pub fn written(&self) {
+        self.lock().in_flight.clear();
+    }
+
+    /// The drained batch could not be written: put it back, keeping newer entries recorded
+    /// meanwhile.
+    pub fn restore(&self) {
+        let mut inner = self.lock();
+        let in_flight = std::mem::take(&mut inner.in_flight);
+        for (id, presence) in in_flight {
+            merge_presence(&mut inner.pending, id, presence);
         }
     }
 
-    /// The latest recorded presence of a device not yet written, if any.
+    /// The latest recorded presence of a device not yet in the database, if any.
     pub fn peek(&self, id: &DeviceId) -> Option<Presence> {
-        let pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        pending.get(id).cloned()
+        let inner = self.lock();
+        match (inner.pending.get(id), inner.in_flight.get(id)) {
+            (Some(p), Some(f)) => {
+                let mut merged = f.clone();
+                merged.at = merged.at.max(p.at);
+                if p.remote_ip.is_some() {
+                    merged.remote_ip.clone_from(&p.remote_ip);
+                }
+                if p.uptime_s.is_some() {
+                    merged.uptime_s = p.uptime_s;
+                }
+                Some(merged)
+            }
+            (Some(p), None) => Some(p.clone()),
+            (None, f) => f.cloned(),
+        }
     }
 }
 

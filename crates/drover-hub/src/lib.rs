@@ -165,11 +165,14 @@ async fn flush_presence(state: HubState, shutdown: CancellationToken) {
             () = shutdown.cancelled() => true,
         };
         let batch = state.presence.drain();
-        if !batch.is_empty()
-            && let Err(e) = state.store.flush_presence(&batch).await
-        {
-            tracing::warn!(error = %e, devices = batch.len(), "writing last-seen times failed; will retry");
-            state.presence.restore(batch);
+        if !batch.is_empty() {
+            match state.store.flush_presence(&batch).await {
+                Ok(()) => state.presence.written(),
+                Err(e) => {
+                    tracing::warn!(error = %e, devices = batch.len(), "writing last-seen times failed; will retry");
+                    state.presence.restore();
+                }
+            }
         }
         if stopping {
             break;
