@@ -162,10 +162,7 @@ async fn measure_load(
         nginx: Vec::new(),
     };
     for i in 0..options.runs {
-        // Alternate which server goes first, so a slow drift in the machine's load (another
-        // engineer's build starting) does not always land on the same one.
-        let hub_first = i % 2 == 0;
-        for target in if hub_first {
+        for target in if hub_goes_first(i) {
             [&hub_target, &nginx_target]
         } else {
             [&nginx_target, &hub_target]
@@ -200,6 +197,12 @@ async fn measure_load(
         device::expect_no_change(hub.http(), &hub.url, device).await?;
     }
     Ok(runs)
+}
+
+/// Whether the hub goes first in run pair `i`. The order alternates, so that a slow drift in
+/// the machine's load (another engineer's build starting) does not always land on one server.
+pub fn hub_goes_first(i: usize) -> bool {
+    i.is_multiple_of(2)
 }
 
 /// A server under load.
