@@ -2,8 +2,6 @@
 //! `~/.config/drover/cli.toml` (mode 0600); `--hub`, `--token` and `--ca` (or `DROVER_HUB_URL`,
 //! `DROVER_TOKEN`, `DROVER_CA_FILE`) override it for one command.
 
-use std::io::Write as _;
-use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, bail};
@@ -46,19 +44,9 @@ impl Profile {
 
     /// Writes the profile with mode 0600 (it holds a token).
     pub fn save(&self, path: &Path) -> anyhow::Result<()> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        }
         let text = toml::to_string(self)?;
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(path)
-            .with_context(|| format!("writing {}", path.display()))?;
-        file.write_all(text.as_bytes())?;
-        Ok(())
+        drover_hub::files::write_file(path, text.as_bytes(), true)
+            .with_context(|| format!("writing {}", path.display()))
     }
 }
 

@@ -3,8 +3,6 @@
 //! Signing happens here, on the operator's machine; the secret key never goes to the hub.
 
 use std::io::Read as _;
-use std::io::Write as _;
-use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -152,19 +150,8 @@ pub async fn keys(ctx: &Ctx, command: KeysCommand) -> anyhow::Result<ExitCode> {
 }
 
 fn write_secret(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    Ok(())
+    drover_hub::files::write_file(path, bytes, true)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// Reads a secret release key file.
