@@ -20,17 +20,68 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the agent until SIGINT or SIGTERM.
-    Run {
-        /// The agent config file (TOML; see agent.example.toml).
-        #[arg(long, short, env = "DROVER_AGENT_CONFIG")]
-        config: PathBuf,
-    },
+    Run(Settings),
     /// Print the device ID, the current release and the update state, from the state directory.
-    Status {
-        /// The agent config file (TOML), for its state_dir.
-        #[arg(long, short, env = "DROVER_AGENT_CONFIG")]
-        config: PathBuf,
-    },
+    Status(Settings),
+}
+
+/// The config file and the flags (or `DROVER_AGENT_*` variables) that override it, so that an
+/// image can carry one config while each box gets, say, its provisioning key from the
+/// environment.
+#[derive(Debug, clap::Args)]
+struct Settings {
+    /// The agent config file (TOML; see agent.example.toml). Without it, the flags below must
+    /// give at least the hub URL and the device type.
+    #[arg(long, short, env = "DROVER_AGENT_CONFIG")]
+    config: Option<PathBuf>,
+    /// The hub's URL.
+    #[arg(long, env = "DROVER_AGENT_HUB_URL")]
+    hub_url: Option<String>,
+    /// A PEM file with the only CA to trust for the hub.
+    #[arg(long, env = "DROVER_AGENT_CA_FILE")]
+    ca_file: Option<PathBuf>,
+    /// The fleet's provisioning key (needed until the device is enrolled).
+    #[arg(long, env = "DROVER_AGENT_PROVISIONING_KEY", hide_env_values = true)]
+    provisioning_key: Option<String>,
+    /// The fleet's release public key (ed25519:...).
+    #[arg(long, env = "DROVER_AGENT_RELEASE_KEY")]
+    release_key: Option<String>,
+    /// Where the agent keeps its state.
+    #[arg(long, env = "DROVER_AGENT_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// The device type (hardware), such as raspberrypi4-arm64.
+    #[arg(long, env = "DROVER_AGENT_DEVICE_TYPE")]
+    device_type: Option<String>,
+}
+
+impl Settings {
+    /// The config file (or the defaults) with the flags laid over it, validated.
+    fn config(self) -> anyhow::Result<AgentConfig> {
+        let mut config = match &self.config {
+            Some(path) => AgentConfig::load(path)?,
+            None => AgentConfig::default(),
+        };
+        if let Some(v) = self.hub_url {
+            config.hub_url = v;
+        }
+        if let Some(v) = self.ca_file {
+            config.ca_file = Some(v);
+        }
+        if let Some(v) = self.provisioning_key {
+            config.provisioning_key = Some(drover_agent::Secret::new(v));
+        }
+        if let Some(v) = self.release_key {
+            config.release_key = Some(v);
+        }
+        if let Some(v) = self.state_dir {
+            config.state_dir = v;
+        }
+        if let Some(v) = self.device_type {
+            config.device_type = v;
+        }
+        config.validate()?;
+        Ok(config)
+    }
 }
 
 fn main() -> ExitCode {
@@ -47,8 +98,8 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Run { config } => {
-            let config = AgentConfig::load(&config)?;
+        Command::Run(settings) => {
+            let config = settings.config()?;
             // One thread: the agent is mostly waiting, and must stay small on a Raspberry Pi.
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -62,8 +113,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 result
             })
         }
-        Command::Status { config } => {
-            let config = AgentConfig::load(&config)?;
+        Command::Status(settings) => {
+            let config = settings.config()?;
             let status = drover_agent::status(&config.state_dir).with_context(|| {
                 format!("reading the state directory {}", config.state_dir.display())
             })?;
@@ -100,4 +151,58 @@ async fn cancel_on_signal(shutdown: CancellationToken) {
         _ = int.recv() => tracing::info!("SIGINT: shutting down"),
     }
     shutdown.cancel();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(args: &[&str]) -> Settings {
+        let mut argv = vec!["drover-agent", "run"];
+        argv.extend_from_slice(args);
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Run(settings) | Command::Status(settings) => settings,
+        }
+    }
+
+    #[test]
+    fn flags_alone_make_a_config() {
+        let config = settings(&[
+            "--hub-url",
+            "https://hub.example.com",
+            "--device-type",
+            "rpi4",
+            "--state-dir",
+            "/tmp/state",
+            "--provisioning-key",
+            "drv_p_x",
+        ])
+        .config()
+        .unwrap();
+        assert_eq!(config.hub_url, "https://hub.example.com");
+        assert_eq!(config.provisioning_key.unwrap().expose(), "drv_p_x");
+    }
+
+    #[test]
+    fn flags_override_the_file_and_bad_values_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("agent.toml");
+        std::fs::write(
+            &file,
+            "hub_url = 'https://a.example'\ndevice_type = 'rpi4'\nstate_dir = '/tmp/s'\n",
+        )
+        .unwrap();
+        let path = file.to_str().unwrap();
+        let config = settings(&["--config", path, "--hub-url", "https://b.example"])
+            .config()
+            .unwrap();
+        assert_eq!(config.hub_url, "https://b.example");
+        assert_eq!(config.device_type, "rpi4");
+        let err = settings(&["--config", path, "--device-type", "has space"])
+            .config()
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("device_type"), "{err:#}");
+        let err = settings(&["--device-type", "rpi4"]).config().unwrap_err();
+        assert!(format!("{err:#}").contains("hub_url"), "{err:#}");
+    }
 }
