@@ -8,12 +8,14 @@
 //! - [`seed`]: the seed updater protocol (`updateme`, `howitworkedout`, `time`), kept so that
 //!   devices running the original updater can move to Drover untouched.
 //! - [`artifact`]: recognising an artifact's format from its first bytes.
+//! - [`reading`]: meter readings (meter, channel, unit, scaled value, clock state).
 //! - [`error`]: the JSON error body every Drover HTTP API answers with.
 
 pub mod artifact;
 pub mod device;
 pub mod error;
 pub mod ids;
+pub mod reading;
 pub mod seed;
 pub mod signing;
 pub mod validate;
