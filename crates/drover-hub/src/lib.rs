@@ -18,6 +18,7 @@ pub mod files;
 pub mod server;
 pub mod state;
 pub mod store;
+pub mod telemetry;
 pub mod tls;
 
 use std::net::SocketAddr;

@@ -1,0 +1,5 @@
+//! The data cloud at the hub: energy arithmetic, and (as it lands) the ingest path, the
+//! time-series store and reports. See docs/data-cloud.md.
+
+pub mod energy;
+pub mod rollup;
