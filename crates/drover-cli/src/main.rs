@@ -49,6 +49,9 @@ enum Command {
     /// Devices: list, inspect, accept, revoke, retry, configure.
     #[command(subcommand)]
     Device(cmd::device::DeviceCommand),
+    /// Sites: where devices are installed, and for which customer.
+    #[command(subcommand)]
+    Site(cmd::site::SiteCommand),
     /// Release signing keys.
     #[command(subcommand)]
     Keys(cmd::release::KeysCommand),
@@ -140,6 +143,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Login(args) => cmd::login::run(&ctx, args).await,
         Command::Fleet(command) => cmd::fleet::run(&ctx, command).await,
         Command::Device(command) => cmd::device::run(&ctx, command).await,
+        Command::Site(command) => cmd::site::run(&ctx, command).await,
         Command::Keys(command) => cmd::release::keys(&ctx, command).await,
         Command::Release(command) => cmd::release::run(&ctx, command).await,
         Command::Deploy(args) => cmd::release::deploy(&ctx, args).await,

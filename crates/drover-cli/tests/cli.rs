@@ -186,6 +186,28 @@ async fn an_operator_signs_deploys_and_manages_devices() {
     .await;
     let device = cli.json(&["device", "show", &id]).await;
     assert_eq!(device["config"]["meter"]["name"], "m-17");
+    cli.ok(&[
+        "site",
+        "create",
+        "home",
+        "--customer",
+        "Kristina",
+        "--reporting-start",
+        "2026-01-01",
+    ])
+    .await;
+    cli.ok(&["device", "set", &id, "--site", "home"]).await;
+    let shown = cli.ok(&["device", "show", &id]).await;
+    assert!(
+        shown.contains("Site:        home (customer Kristina)"),
+        "{shown}"
+    );
+    let sites = cli.ok(&["site", "list"]).await;
+    assert!(sites.contains("2026-01-01 00:00"), "{sites}");
+    let err = cli
+        .fails(&["site", "create", "x", "--reporting-start", "01/02/2026"])
+        .await;
+    assert!(err.contains("YYYY-MM-DD"), "{err}");
     cli.ok(&["device", "retry", &id]).await;
     cli.ok(&["device", "revoke", &id]).await;
     let device = cli.json(&["device", "show", &id]).await;

@@ -6,7 +6,7 @@
 
 use drover_hub::store::{
     DeviceFilter, FleetPatch, NewDevice, NewFleet, NewRelease, Presence, Reported, SeedCheckin,
-    Store, StoreError,
+    SitePatch, Store, StoreError,
 };
 use drover_protocol::artifact::ArtifactFormat;
 use drover_protocol::device::{
@@ -68,6 +68,7 @@ conformance!(
     reports_are_applied_once_in_order,
     seed_devices_appear_and_outcomes_are_recorded,
     organizations_cannot_reach_each_others_rows,
+    sites_hold_devices_and_stay_in_their_organization,
 );
 
 mod cases {
@@ -622,5 +623,86 @@ mod cases {
         assert_eq!(store.org_artifact(b, &"a".repeat(64)).await.unwrap(), None);
         let still = store.device(a, &d.id).await.unwrap().unwrap();
         assert_eq!(still.status, DeviceStatus::Pending);
+    }
+
+    pub async fn sites_hold_devices_and_stay_in_their_organization(store: &Store) {
+        let a = org(store, "a").await;
+        let b = org(store, "b").await;
+        let f = fleet(store, a, "solar").await;
+        let d = store
+            .create_device(a, &new_device(f.id, "k1", "c1"))
+            .await
+            .unwrap();
+        let site = store
+            .create_site(
+                a,
+                "kristinas-house",
+                "Storgatan 1, Nyköping",
+                "Kristina",
+                Some(1_000),
+            )
+            .await
+            .unwrap();
+        assert!(matches!(
+            store.create_site(a, "kristinas-house", "", "", None).await,
+            Err(StoreError::Conflict(_))
+        ));
+        store
+            .create_site(b, "kristinas-house", "", "", None)
+            .await
+            .unwrap();
+        assert!(
+            store
+                .set_device_site(a, &d.id, Some(site.id))
+                .await
+                .unwrap()
+        );
+        assert_eq!(
+            store.device_site(a, &d.id).await.unwrap(),
+            Some(site.clone())
+        );
+        assert_eq!(
+            store.site_devices(a, site.id).await.unwrap(),
+            vec![d.id.clone()]
+        );
+        assert_eq!(
+            store.device(a, &d.id).await.unwrap().unwrap().site_id,
+            Some(site.id)
+        );
+        assert_eq!(
+            store
+                .site_by_name(b, "kristinas-house")
+                .await
+                .unwrap()
+                .map(|s| s.org_id),
+            Some(b)
+        );
+        assert_eq!(store.site_by_id(b, site.id).await.unwrap(), None);
+        assert!(!store.set_device_site(b, &d.id, None).await.unwrap());
+        let patched = store
+            .update_site(
+                a,
+                &site,
+                &SitePatch {
+                    customer: Some("Kristina K".into()),
+                    reporting_start: Some(None),
+                    ..SitePatch::default()
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(patched.customer, "Kristina K");
+        assert_eq!(patched.reporting_start, None);
+        assert_eq!(
+            store.list_sites(a, Some("Kristina K")).await.unwrap().len(),
+            1
+        );
+        assert!(
+            store
+                .list_sites(a, Some("nobody"))
+                .await
+                .unwrap()
+                .is_empty()
+        );
     }
 }

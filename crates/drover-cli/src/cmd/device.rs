@@ -57,6 +57,9 @@ pub enum DeviceCommand {
         /// Remove the pin; the device follows its fleet again.
         #[arg(long)]
         unpin: bool,
+        /// Assign the device to this site ("" takes it off its site).
+        #[arg(long)]
+        site: Option<String>,
     },
 }
 
@@ -177,6 +180,7 @@ pub async fn run(ctx: &Ctx, command: DeviceCommand) -> anyhow::Result<ExitCode> 
             config_file,
             pin,
             unpin,
+            site,
         } => {
             let config = match config_file {
                 Some(path) => Some(super::fleet::read_json_object(&path)?),
@@ -186,7 +190,7 @@ pub async fn run(ctx: &Ctx, command: DeviceCommand) -> anyhow::Result<ExitCode> 
             let device: Value = client
                 .patch(
                     &format!("/api/v1/devices/{id}"),
-                    &json!({ "config": config, "pin": pin }),
+                    &json!({ "config": config, "pin": pin, "site": site }),
                 )
                 .await?;
             done(ctx, &device, &format!("Updated {id}."))?;
@@ -214,6 +218,13 @@ fn print_device(device: &Value, attempts: &Value) {
         field(device, "device_type")
     );
     println!("Status:      {}", field(device, "status"));
+    if !device["site"].is_null() {
+        println!(
+            "Site:        {} (customer {})",
+            field(device, "site"),
+            field(device, "customer")
+        );
+    }
     println!(
         "Seen:        {} ({}, from {})",
         if device["online"] == true {

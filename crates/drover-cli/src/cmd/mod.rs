@@ -5,6 +5,7 @@ pub mod fleet;
 pub mod hub;
 pub mod login;
 pub mod release;
+pub mod site;
 pub mod status;
 
 /// A string field of a JSON value, or "-".

@@ -41,6 +41,10 @@ pub struct DeviceView {
     pub remote_ip: Option<String>,
     /// Its own config (merged over the fleet's).
     pub config: serde_json::Value,
+    /// The site it is installed at, and that site's customer.
+    pub site: Option<String>,
+    /// The customer of its site.
+    pub customer: Option<String>,
     /// The snapshot a seed device runs.
     pub seed_snapshot: Option<i64>,
     /// When it was last seen (Unix milliseconds).
@@ -76,6 +80,9 @@ pub struct UpdateDevice {
     /// Pin a release version to the device; `""` removes the pin.
     #[serde(default)]
     pub pin: Option<String>,
+    /// Assign the device to a site (by name); `""` takes it off its site.
+    #[serde(default)]
+    pub site: Option<String>,
 }
 
 /// Fleets and their targets, loaded once per request.
@@ -134,7 +141,13 @@ impl<'a> FleetIndex<'a> {
             (Some(p), None) => Some(p.at),
             (None, seen) => seen,
         };
+        let site = match device.site_id {
+            Some(id) => self.hub.store.site_by_id(self.org_id, id).await?,
+            None => None,
+        };
         Ok(DeviceView {
+            site: site.as_ref().map(|s| s.name.clone()),
+            customer: site.map(|s| s.customer),
             id: device.id.to_string(),
             fleet: fleet.name.clone(),
             device_type: device.device_type,
@@ -266,7 +279,7 @@ pub async fn retry(
     show(State(hub), op, Path(id.to_string())).await
 }
 
-/// `PATCH /api/v1/devices/{id}`: its own config and pin.
+/// `PATCH /api/v1/devices/{id}`: its own config, pin and site.
 pub async fn update(
     State(hub): State<HubState>,
     op: Operator,
@@ -294,6 +307,14 @@ pub async fn update(
             Some(release.id)
         };
         hub.store.set_device_pin(op.org_id, &id, release_id).await?;
+    }
+    if let Some(site) = &body.site {
+        let site_id = if site.is_empty() {
+            None
+        } else {
+            Some(super::sites::site_named(&hub, &op, site).await?.id)
+        };
+        hub.store.set_device_site(op.org_id, &id, site_id).await?;
     }
     hub.devices.invalidate_device(&id);
     show(State(hub), op, Path(id.to_string())).await

@@ -7,6 +7,7 @@ mod download;
 mod fleets;
 mod releases;
 mod seed;
+mod sites;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
@@ -56,6 +57,11 @@ pub fn router(hub: HubState) -> Router {
         )
         .route("/api/v1/devices", get(devices::list))
         .route("/api/v1/device-types", get(devices::device_types))
+        .route("/api/v1/sites", get(sites::list).post(sites::create))
+        .route(
+            "/api/v1/sites/{site}",
+            get(sites::show).patch(sites::update),
+        )
         .route(
             "/api/v1/devices/{id}",
             get(devices::show).patch(devices::update),

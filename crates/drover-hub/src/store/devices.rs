@@ -58,6 +58,8 @@ pub struct Device {
     pub last_seen: Option<i64>,
     /// When it enrolled.
     pub created_at: i64,
+    /// The site it is installed at.
+    pub site_id: Option<i64>,
 }
 
 /// What enrolling a device stores.
@@ -165,7 +167,7 @@ macro_rules! device_columns {
      agent_version, current_release, seed_snapshot, update_phase, update_release, \
      update_failures, update_message, os, arch, hostname, ip, remote_ip, uptime_s, tags, \
      attributes, config, pinned_release_id, retry_generation, retry_requested_at, \
-     last_report_seq, last_seen, created_at"
+     last_report_seq, last_seen, created_at, site_id"
     };
 }
 
@@ -210,6 +212,7 @@ fn device_from_row(row: &AnyRow) -> StoreResult<Device> {
         last_report_seq: row.try_get("last_report_seq")?,
         last_seen: row.try_get("last_seen")?,
         created_at: row.try_get("created_at")?,
+        site_id: row.try_get("site_id")?,
     })
 }
 

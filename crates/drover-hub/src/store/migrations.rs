@@ -17,27 +17,35 @@ pub struct Migration {
     pub version: i64,
     /// A few words on what it does.
     pub name: &'static str,
-    /// The statements, with `{pk}` where an auto-increment primary key is declared.
+    /// The statements, with `{pk}` where an auto-increment primary key is declared and
+    /// `{blob}` for a binary column.
     pub template: &'static str,
 }
 
 impl Migration {
     /// The statements for one engine.
     pub fn sql(&self, engine: super::Engine) -> String {
-        let pk = match engine {
-            super::Engine::Sqlite => "INTEGER PRIMARY KEY",
-            super::Engine::Postgres => "BIGSERIAL PRIMARY KEY",
+        let (pk, blob) = match engine {
+            super::Engine::Sqlite => ("INTEGER PRIMARY KEY", "BLOB"),
+            super::Engine::Postgres => ("BIGSERIAL PRIMARY KEY", "BYTEA"),
         };
-        self.template.replace("{pk}", pk)
+        self.template.replace("{pk}", pk).replace("{blob}", blob)
     }
 }
 
 /// Every migration, oldest first.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "organizations, fleets, devices, releases, update attempts, tokens",
-    template: INITIAL,
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "organizations, fleets, devices, releases, update attempts, tokens",
+        template: INITIAL,
+    },
+    Migration {
+        version: 2,
+        name: "data cloud: sites, series, chunks, rollups, flags, reports",
+        template: DATA_CLOUD,
+    },
+];
 
 /// The initial schema, with `{pk}` standing for the engine's auto-increment primary key.
 const INITIAL: &str = r#"
@@ -178,4 +186,89 @@ CREATE TABLE attempt_events (
     received_at BIGINT NOT NULL
 );
 CREATE INDEX attempt_events_attempt ON attempt_events (attempt_id);
+"#;
+
+/// The data cloud: sites, series of readings stored as compressed chunks (one row per series
+/// per window), rollups stored the same way, plausibility flags, and energy reports.
+const DATA_CLOUD: &str = r#"
+CREATE TABLE sites (
+    id {pk},
+    org_id BIGINT NOT NULL REFERENCES organizations(id),
+    name TEXT NOT NULL,
+    address TEXT NOT NULL,
+    customer TEXT NOT NULL,
+    reporting_start BIGINT,
+    created_at BIGINT NOT NULL,
+    UNIQUE (org_id, name)
+);
+CREATE INDEX sites_customer ON sites (org_id, customer);
+
+ALTER TABLE devices ADD COLUMN site_id BIGINT REFERENCES sites(id);
+ALTER TABLE devices ADD COLUMN last_batch_seq BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE devices ADD COLUMN spool_dropped BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE devices ADD COLUMN telemetry_bytes BIGINT NOT NULL DEFAULT 0;
+
+CREATE TABLE series (
+    id {pk},
+    org_id BIGINT NOT NULL REFERENCES organizations(id),
+    device_id TEXT NOT NULL REFERENCES devices(id),
+    meter TEXT NOT NULL,
+    channel TEXT NOT NULL,
+    unit TEXT NOT NULL,
+    scale BIGINT NOT NULL,
+    first_ts BIGINT,
+    last_ts BIGINT,
+    last_value BIGINT,
+    points BIGINT NOT NULL,
+    created_at BIGINT NOT NULL,
+    UNIQUE (device_id, meter, channel)
+);
+CREATE INDEX series_org ON series (org_id, device_id);
+
+CREATE TABLE chunks (
+    series_id BIGINT NOT NULL REFERENCES series(id),
+    window_start BIGINT NOT NULL,
+    org_id BIGINT NOT NULL REFERENCES organizations(id),
+    points BIGINT NOT NULL,
+    first_ts BIGINT NOT NULL,
+    last_ts BIGINT NOT NULL,
+    data {blob} NOT NULL,
+    PRIMARY KEY (series_id, window_start)
+);
+
+CREATE TABLE rollups (
+    series_id BIGINT NOT NULL REFERENCES series(id),
+    resolution TEXT NOT NULL,
+    window_start BIGINT NOT NULL,
+    org_id BIGINT NOT NULL REFERENCES organizations(id),
+    data {blob} NOT NULL,
+    PRIMARY KEY (series_id, resolution, window_start)
+);
+
+CREATE TABLE telemetry_flags (
+    id {pk},
+    org_id BIGINT NOT NULL REFERENCES organizations(id),
+    series_id BIGINT NOT NULL REFERENCES series(id),
+    kind TEXT NOT NULL,
+    from_ts BIGINT NOT NULL,
+    to_ts BIGINT NOT NULL,
+    from_value BIGINT NOT NULL,
+    to_value BIGINT NOT NULL,
+    created_at BIGINT NOT NULL
+);
+CREATE INDEX telemetry_flags_series ON telemetry_flags (series_id, to_ts);
+
+CREATE TABLE reports (
+    id {pk},
+    org_id BIGINT NOT NULL REFERENCES organizations(id),
+    scope TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    period_start BIGINT NOT NULL,
+    period_end BIGINT NOT NULL,
+    created_at BIGINT NOT NULL,
+    frozen_at BIGINT,
+    content TEXT,
+    sha256 TEXT
+);
+CREATE INDEX reports_org ON reports (org_id, created_at);
 "#;

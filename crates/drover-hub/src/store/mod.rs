@@ -19,6 +19,7 @@ mod fleets;
 pub mod migrations;
 mod orgs;
 mod releases;
+mod sites;
 
 use std::path::Path;
 use std::time::Duration;
@@ -33,6 +34,7 @@ pub use devices::{
 pub use fleets::{Fleet, FleetPatch, NewFleet};
 pub use orgs::{ApiToken, Org};
 pub use releases::{NewRelease, Release};
+pub use sites::{Site, SitePatch};
 
 /// Which database engine a [`Store`] runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

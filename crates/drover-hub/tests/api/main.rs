@@ -177,4 +177,5 @@ both_engines!(
     organizations_cannot_see_each_other,
     seed_protocol_devices_update_and_report,
     presence_and_fleet_status_follow_checkins,
+    sites_answer_who_has_this_box,
 );

@@ -284,3 +284,69 @@ pub(crate) async fn the_openapi_document_names_every_route() {
     }
     hub.stop().await.unwrap();
 }
+
+pub(crate) async fn sites_answer_who_has_this_box(hub: &TestHub) {
+    let api = hub.api();
+    let (pk, _) = api.create_fleet("solar", true, 60).await.unwrap();
+    let (_, _, device) = TestDevice::enroll(hub, &pk).await;
+    let (status, site) = api
+        .post(
+            "/api/v1/sites",
+            json!({"name": "kristinas-house", "address": "Storgatan 1", "customer": "Kristina"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{site}");
+    let (status, body) = api
+        .patch(
+            &format!("/api/v1/devices/{}", device.id),
+            json!({"site": "kristinas-house"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["site"], "kristinas-house");
+    assert_eq!(body["customer"], "Kristina");
+    let (_, sites) = api.get("/api/v1/sites?customer=Kristina").await.unwrap();
+    assert_eq!(sites[0]["name"], "kristinas-house");
+    let (status, body) = api
+        .patch(
+            &format!("/api/v1/devices/{}", device.id),
+            json!({"site": "nowhere"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!((status, body["error"].as_str()), (404, Some("not_found")));
+    let (status, body) = api
+        .post("/api/v1/sites", json!({"name": "kristinas-house"}))
+        .await
+        .unwrap();
+    assert_eq!((status, body["error"].as_str()), (409, Some("conflict")));
+    let (status, body) = api
+        .patch(
+            "/api/v1/sites/kristinas-house",
+            json!({"customer": "K. Karlsson", "reporting_start": 1_700_000_000_000i64}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["reporting_start"], 1_700_000_000_000i64);
+    let (_, body) = api
+        .get(&format!("/api/v1/devices/{}", device.id))
+        .await
+        .unwrap();
+    assert_eq!(body["customer"], "K. Karlsson");
+    let (status, _) = api
+        .patch(
+            &format!("/api/v1/devices/{}", device.id),
+            json!({"site": ""}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    let (_, body) = api
+        .get(&format!("/api/v1/devices/{}", device.id))
+        .await
+        .unwrap();
+    assert_eq!(body["site"], serde_json::Value::Null);
+}
