@@ -9,9 +9,11 @@
 //!   devices running the original updater can move to Drover untouched.
 //! - [`artifact`]: recognising an artifact's format from its first bytes.
 //! - [`reading`]: meter readings (meter, channel, unit, scaled value, clock state).
+//! - [`batch`]: the binary telemetry batch a device sends the hub with its readings.
 //! - [`error`]: the JSON error body every Drover HTTP API answers with.
 
 pub mod artifact;
+pub mod batch;
 pub mod device;
 pub mod error;
 pub mod ids;
