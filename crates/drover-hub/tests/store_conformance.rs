@@ -4,15 +4,20 @@
 
 #![allow(clippy::unwrap_used, reason = "a panic is how a test fails")]
 
+use drover_hub::store::SeriesFilter;
 use drover_hub::store::{
     DeviceFilter, FleetPatch, NewDevice, NewFleet, NewRelease, Presence, Reported, SeedCheckin,
     SitePatch, Store, StoreError,
 };
+use drover_hub::telemetry::energy::Anomaly;
+use drover_hub::telemetry::fold::{FoldOutcome, IngestJob, Point, SeriesPoints};
+use drover_hub::telemetry::rollup::{Resolution, aggregate};
 use drover_protocol::artifact::ArtifactFormat;
 use drover_protocol::device::{
     DeviceStatus, Facts, Module, ReportState, UpdatePhase, UpdateReport, UpdateStatus,
 };
 use drover_protocol::ids::{DeviceId, token_hash};
+use drover_protocol::reading::{Channel, MeterId};
 use drover_test_support::TestDatabase;
 
 /// Holds whatever keeps a store's database alive for the test.
@@ -69,6 +74,9 @@ conformance!(
     seed_devices_appear_and_outcomes_are_recorded,
     organizations_cannot_reach_each_others_rows,
     sites_hold_devices_and_stay_in_their_organization,
+    batches_fold_into_chunks_and_rollups_exactly_once,
+    registers_going_backwards_are_flagged,
+    series_are_filtered_and_kept_apart,
 );
 
 mod cases {
@@ -704,5 +712,266 @@ mod cases {
                 .unwrap()
                 .is_empty()
         );
+    }
+
+    fn job(org_id: i64, device: &DeviceId, seq: u64, series: Vec<SeriesPoints>) -> IngestJob {
+        IngestJob {
+            org_id,
+            device: device.clone(),
+            seq,
+            series,
+            bytes: 100,
+            spool_dropped: 0,
+        }
+    }
+
+    fn energy(meter: &str, points: &[(i64, i64)]) -> SeriesPoints {
+        SeriesPoints {
+            meter: MeterId::parse(meter).unwrap(),
+            channel: Channel::EnergyImport,
+            scale: 0,
+            points: points
+                .iter()
+                .map(|&(ts, value)| Point {
+                    ts,
+                    value,
+                    clock: 0,
+                })
+                .collect(),
+        }
+    }
+
+    async fn enrolled(store: &Store, name: &str) -> (i64, DeviceId) {
+        let a = org(store, name).await;
+        let f = fleet(store, a, "solar").await;
+        let d = store
+            .create_device(
+                a,
+                &new_device(f.id, &format!("k-{name}"), &format!("c-{name}")),
+            )
+            .await
+            .unwrap();
+        (a, d.id)
+    }
+
+    pub async fn batches_fold_into_chunks_and_rollups_exactly_once(store: &Store) {
+        let (a, d) = enrolled(store, "a").await;
+        // Two minutes of 2-second readings, across an hour boundary (two chunks).
+        let start = 3_600_000 * 10 - 60_000;
+        let points: Vec<(i64, i64)> = (0..60).map(|i| (start + i * 2_000, 1_000 + i)).collect();
+        let first = job(a, &d, 1, vec![energy("modbus-1", &points[..40])]);
+        let (outcomes, live) = store
+            .fold_batches(std::slice::from_ref(&first))
+            .await
+            .unwrap();
+        assert_eq!(
+            outcomes,
+            vec![FoldOutcome::Stored {
+                points: 40,
+                flags: 0
+            }]
+        );
+        assert_eq!(live.len(), 40);
+        // The same batch again (its acknowledgement was lost) changes nothing.
+        let (outcomes, _) = store.fold_batches(&[first]).await.unwrap();
+        assert_eq!(outcomes, vec![FoldOutcome::Duplicate]);
+        // A later batch overlapping the first (a resend with a new number) stores only the
+        // new points; two batches in one group are both applied.
+        let second = job(a, &d, 2, vec![energy("modbus-1", &points[30..50])]);
+        let third = job(a, &d, 3, vec![energy("modbus-1", &points[50..])]);
+        let (outcomes, _) = store.fold_batches(&[second, third]).await.unwrap();
+        assert_eq!(
+            outcomes,
+            vec![
+                FoldOutcome::Stored {
+                    points: 10,
+                    flags: 0
+                },
+                FoldOutcome::Stored {
+                    points: 10,
+                    flags: 0
+                }
+            ]
+        );
+        let series = store
+            .list_series(a, &SeriesFilter::default())
+            .await
+            .unwrap();
+        assert_eq!(series.len(), 1);
+        let s = &series[0];
+        assert_eq!(
+            (s.points, s.first_ts, s.last_ts, s.last_value),
+            (60, Some(start), Some(start + 118_000), Some(1_059))
+        );
+        assert_eq!(
+            (s.channel.as_str(), s.unit.as_str()),
+            ("energy_import", "Wh")
+        );
+        let stored = store.points(a, s.id, 0, i64::MAX).await.unwrap();
+        assert_eq!(
+            stored.iter().map(|p| (p.ts, p.value)).collect::<Vec<_>>(),
+            points
+        );
+        let window = store
+            .points(a, s.id, start + 60_000, start + 70_000)
+            .await
+            .unwrap();
+        assert_eq!(window.len(), 5);
+        let minutes = store
+            .buckets(a, s.id, Resolution::Minute, 0, i64::MAX)
+            .await
+            .unwrap();
+        assert_eq!(minutes, aggregate(&points, Resolution::Minute));
+        let hours = store
+            .buckets(a, s.id, Resolution::Hour, 0, i64::MAX)
+            .await
+            .unwrap();
+        assert_eq!(hours.iter().map(|b| b.count).sum::<i64>(), 60);
+        let (rows, stored_points, _bytes) = store.chunk_bytes().await.unwrap();
+        assert_eq!((rows, stored_points), (2, 60));
+        assert_eq!(
+            store
+                .point_before(a, s.id, start + 3_000, 60_000)
+                .await
+                .unwrap()
+                .map(|p| p.ts),
+            Some(start + 2_000)
+        );
+        // Retention removes whole windows only.
+        assert_eq!(
+            store.delete_older_than(None, 3_600_000 * 10).await.unwrap(),
+            1
+        );
+        assert_eq!(store.points(a, s.id, 0, i64::MAX).await.unwrap().len(), 30);
+        let device = store.device(a, &d).await.unwrap().unwrap();
+        assert_eq!(device.id, d);
+    }
+
+    pub async fn registers_going_backwards_are_flagged(store: &Store) {
+        let (a, d) = enrolled(store, "a").await;
+        let max = (1i64 << 32) - 1;
+        store
+            .fold_batches(&[job(
+                a,
+                &d,
+                1,
+                vec![energy("m", &[(0, 50_000), (2_000, 50_010)])],
+            )])
+            .await
+            .unwrap();
+        let (outcomes, _) = store
+            .fold_batches(&[job(
+                a,
+                &d,
+                2,
+                vec![energy(
+                    "m",
+                    &[(4_000, 3), (6_000, 9), (8_000, max - 1), (10_000, 2)],
+                )],
+            )])
+            .await
+            .unwrap();
+        assert_eq!(
+            outcomes,
+            vec![FoldOutcome::Stored {
+                points: 4,
+                flags: 2
+            }]
+        );
+        let s = store
+            .list_series(a, &SeriesFilter::default())
+            .await
+            .unwrap()
+            .remove(0);
+        let flags = store.flags(a, s.id, 0, i64::MAX).await.unwrap();
+        assert_eq!(
+            flags
+                .iter()
+                .map(|f| (f.kind, f.from_ts, f.to_ts))
+                .collect::<Vec<_>>(),
+            vec![
+                (Anomaly::Reset, 2_000, 4_000),
+                (Anomaly::Rollover, 8_000, 10_000)
+            ]
+        );
+        // Instantaneous channels are never flagged.
+        let power = SeriesPoints {
+            channel: Channel::Power,
+            ..energy("m", &[(12_000, 500), (14_000, -20)])
+        };
+        let (outcomes, _) = store
+            .fold_batches(&[job(a, &d, 3, vec![power])])
+            .await
+            .unwrap();
+        assert_eq!(
+            outcomes,
+            vec![FoldOutcome::Stored {
+                points: 2,
+                flags: 0
+            }]
+        );
+    }
+
+    pub async fn series_are_filtered_and_kept_apart(store: &Store) {
+        let (a, d) = enrolled(store, "a").await;
+        let (b, e) = enrolled(store, "b").await;
+        store
+            .fold_batches(&[
+                job(
+                    a,
+                    &d,
+                    1,
+                    vec![energy("m1", &[(0, 1)]), energy("m2", &[(0, 1)])],
+                ),
+                job(b, &e, 1, vec![energy("m1", &[(0, 1)])]),
+            ])
+            .await
+            .unwrap();
+        let mine = store
+            .list_series(a, &SeriesFilter::default())
+            .await
+            .unwrap();
+        assert_eq!(mine.len(), 2);
+        let filtered = SeriesFilter {
+            meter: Some("m2".into()),
+            ..SeriesFilter::default()
+        };
+        assert_eq!(store.list_series(a, &filtered).await.unwrap().len(), 1);
+        let tagged = SeriesFilter {
+            tag: Some("shop".into()),
+            ..SeriesFilter::default()
+        };
+        assert_eq!(store.list_series(a, &tagged).await.unwrap().len(), 2);
+        let untagged = SeriesFilter {
+            tag: Some("home".into()),
+            ..SeriesFilter::default()
+        };
+        assert!(store.list_series(a, &untagged).await.unwrap().is_empty());
+        let theirs = store
+            .list_series(b, &SeriesFilter::default())
+            .await
+            .unwrap();
+        assert_eq!(theirs.len(), 1);
+        assert_eq!(store.series_by_id(b, mine[0].id).await.unwrap(), None);
+        assert!(
+            store
+                .points(b, mine[0].id, 0, i64::MAX)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert!(
+            store
+                .buckets(b, mine[0].id, Resolution::Minute, 0, i64::MAX)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        // A batch claiming another organization's device stores nothing.
+        let (outcomes, _) = store
+            .fold_batches(&[job(b, &d, 9, vec![energy("m9", &[(0, 1)])])])
+            .await
+            .unwrap();
+        assert_eq!(outcomes, vec![FoldOutcome::Duplicate]);
     }
 }

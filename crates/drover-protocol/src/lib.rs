@@ -8,12 +8,14 @@
 //! - [`seed`]: the seed updater protocol (`updateme`, `howitworkedout`, `time`), kept so that
 //!   devices running the original updater can move to Drover untouched.
 //! - [`artifact`]: recognising an artifact's format from its first bytes.
+//! - [`chunk`]: the hub's storage format for columns of integers (chunks of points, rollups).
 //! - [`reading`]: meter readings (meter, channel, unit, scaled value, clock state).
 //! - [`batch`]: the binary telemetry batch a device sends the hub with its readings.
 //! - [`error`]: the JSON error body every Drover HTTP API answers with.
 
 pub mod artifact;
 pub mod batch;
+pub mod chunk;
 pub mod device;
 pub mod error;
 pub mod ids;

@@ -20,6 +20,7 @@ pub mod migrations;
 mod orgs;
 mod releases;
 mod sites;
+mod telemetry;
 
 use std::path::Path;
 use std::time::Duration;
@@ -35,6 +36,7 @@ pub use fleets::{Fleet, FleetPatch, NewFleet};
 pub use orgs::{ApiToken, Org};
 pub use releases::{NewRelease, Release};
 pub use sites::{Site, SitePatch};
+pub use telemetry::{CHUNK_WINDOW_MS, Series, SeriesFilter, rescale, rollup_window_ms};
 
 /// Which database engine a [`Store`] runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

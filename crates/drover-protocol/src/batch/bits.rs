@@ -9,11 +9,11 @@ use super::BatchError;
 
 /// After this many 1 bits, a Rice code's quotient continues as an Exp-Golomb code, so that an
 /// outlier (a load step in a power series) costs tens of bits instead of thousands.
-pub(super) const RICE_ESCAPE: u64 = 8;
+pub(crate) const RICE_ESCAPE: u64 = 8;
 
 /// Writes fields into a growing bit string.
 #[derive(Default)]
-pub(super) struct BitWriter {
+pub(crate) struct BitWriter {
     bytes: Vec<u8>,
     /// Bits not yet flushed into `bytes`, right-aligned.
     acc: u64,
@@ -21,12 +21,12 @@ pub(super) struct BitWriter {
     acc_bits: u32,
     /// Field names and their starting bit, for the annotated golden vector in the tests.
     #[cfg(test)]
-    pub(super) trace: Vec<(usize, String)>,
+    pub(crate) trace: Vec<(usize, String)>,
 }
 
 impl BitWriter {
     /// How many bits have been written.
-    pub(super) fn bit_len(&self) -> usize {
+    pub(crate) fn bit_len(&self) -> usize {
         self.bytes.len() * 8 + self.acc_bits as usize
     }
 
@@ -36,7 +36,7 @@ impl BitWriter {
         not(test),
         allow(unused_variables, reason = "tracing is compiled in tests only")
     )]
-    pub(super) fn note(&mut self, field: impl FnOnce() -> String) {
+    pub(crate) fn note(&mut self, field: impl FnOnce() -> String) {
         #[cfg(test)]
         {
             let at = self.bit_len();
@@ -45,7 +45,7 @@ impl BitWriter {
     }
 
     /// The low `n` bits of `value` (`n` ≤ 64).
-    pub(super) fn bits(&mut self, n: u32, value: u64) {
+    pub(crate) fn bits(&mut self, n: u32, value: u64) {
         debug_assert!(n <= 64);
         debug_assert!(n == 64 || value >> n == 0, "{value} does not fit {n} bits");
         // Feed at most 32 bits at a time so that `acc` (≤ 7 pending bits) never overflows.
@@ -68,7 +68,7 @@ impl BitWriter {
 
     /// `ue`: Exp-Golomb order 0 (`value + 1` in binary, preceded by one 0 bit per bit after the
     /// first). 0 → `1`, 1 → `010`, 2 → `011`, 3 → `00100`. `value` < 2^64 − 1.
-    pub(super) fn ue(&mut self, value: u64) {
+    pub(crate) fn ue(&mut self, value: u64) {
         let v = value + 1;
         let len = 64 - v.leading_zeros();
         self.bits(len - 1, 0);
@@ -76,27 +76,27 @@ impl BitWriter {
     }
 
     /// `se`: a signed integer as `ue` of its zigzag code (0, -1, 1, -2 → 0, 1, 2, 3).
-    pub(super) fn se(&mut self, value: i64) {
+    pub(crate) fn se(&mut self, value: i64) {
         self.ue(zigzag(value));
     }
 
     /// `uv`: 6 bits holding `n` = (bit length of `value`) − 1 (0 for 0), then `value` in
     /// `n + 1` bits. 7 bits for 0 and 1, 70 at most.
-    pub(super) fn uv(&mut self, value: u64) {
+    pub(crate) fn uv(&mut self, value: u64) {
         let n = 63u32.saturating_sub(value.leading_zeros());
         self.bits(6, u64::from(n));
         self.bits(n + 1, value);
     }
 
     /// `sv`: a signed integer as `uv` of its zigzag code.
-    pub(super) fn sv(&mut self, value: i64) {
+    pub(crate) fn sv(&mut self, value: i64) {
         self.uv(zigzag(value));
     }
 
     /// A Rice code with parameter `k` (≤ 63): the quotient `value >> k` in unary (that many 1
     /// bits and a 0), or, from [`RICE_ESCAPE`] on, `RICE_ESCAPE` 1 bits and
     /// `ue(quotient − RICE_ESCAPE)`; then the `k` low bits.
-    pub(super) fn rice(&mut self, k: u32, value: u64) {
+    pub(crate) fn rice(&mut self, k: u32, value: u64) {
         debug_assert!(k < 64);
         let q = value >> k;
         if q < RICE_ESCAPE {
@@ -109,7 +109,7 @@ impl BitWriter {
     }
 
     /// Appends everything another writer wrote.
-    pub(super) fn append(&mut self, other: BitWriter) {
+    pub(crate) fn append(&mut self, other: BitWriter) {
         #[cfg(test)]
         {
             let base = self.bit_len();
@@ -123,7 +123,7 @@ impl BitWriter {
     }
 
     /// The bytes, the last one padded with zero bits.
-    pub(super) fn finish(mut self) -> Vec<u8> {
+    pub(crate) fn finish(mut self) -> Vec<u8> {
         if self.acc_bits > 0 {
             let pad = 8 - self.acc_bits;
             self.bits(pad, 0);
@@ -133,23 +133,23 @@ impl BitWriter {
 }
 
 /// The bit cost of each primitive, for choosing between encodings without writing them.
-pub(super) mod cost {
+pub(crate) mod cost {
     use super::{RICE_ESCAPE, zigzag};
 
-    pub(in crate::batch) fn ue(value: u64) -> u64 {
+    pub(crate) fn ue(value: u64) -> u64 {
         let len = u64::from(64 - (value + 1).leading_zeros());
         2 * len - 1
     }
 
-    pub(in crate::batch) fn uv(value: u64) -> u64 {
+    pub(crate) fn uv(value: u64) -> u64 {
         6 + u64::from(64u32.saturating_sub(value.leading_zeros()).max(1))
     }
 
-    pub(in crate::batch) fn sv(value: i64) -> u64 {
+    pub(crate) fn sv(value: i64) -> u64 {
         uv(zigzag(value))
     }
 
-    pub(in crate::batch) fn rice(k: u32, value: u64) -> u64 {
+    pub(crate) fn rice(k: u32, value: u64) -> u64 {
         let q = value >> k;
         let quotient = if q < RICE_ESCAPE {
             q + 1
@@ -161,7 +161,7 @@ pub(super) mod cost {
 }
 
 /// Reads fields from a bit string.
-pub(super) struct BitReader<'a> {
+pub(crate) struct BitReader<'a> {
     bytes: &'a [u8],
     /// The next bit to read, counted from the start of `bytes`.
     pos: usize,
@@ -170,7 +170,7 @@ pub(super) struct BitReader<'a> {
 }
 
 impl<'a> BitReader<'a> {
-    pub(super) fn new(bytes: &'a [u8], frame_offset: usize) -> BitReader<'a> {
+    pub(crate) fn new(bytes: &'a [u8], frame_offset: usize) -> BitReader<'a> {
         BitReader {
             bytes,
             pos: 0,
@@ -179,19 +179,19 @@ impl<'a> BitReader<'a> {
     }
 
     /// How many bits are left.
-    pub(super) fn remaining(&self) -> usize {
+    pub(crate) fn remaining(&self) -> usize {
         self.bytes.len() * 8 - self.pos
     }
 
     /// The error for a field that runs past the end.
-    pub(super) fn truncated(&self) -> BatchError {
+    pub(crate) fn truncated(&self) -> BatchError {
         BatchError::Truncated {
             offset: self.frame_offset + self.bytes.len(),
         }
     }
 
     /// `n` bits (≤ 64) as an unsigned integer.
-    pub(super) fn bits(&mut self, n: u32) -> Result<u64, BatchError> {
+    pub(crate) fn bits(&mut self, n: u32) -> Result<u64, BatchError> {
         debug_assert!(n <= 64);
         if self.remaining() < n as usize {
             return Err(self.truncated());
@@ -217,7 +217,7 @@ impl<'a> BitReader<'a> {
 
     /// See [`BitWriter::ue`]. Values past `max` are refused (with the error `too_large`
     /// returns) before more bits are read, so a hostile run of zeros cannot declare a huge count.
-    pub(super) fn ue(
+    pub(crate) fn ue(
         &mut self,
         max: u64,
         too_large: impl FnOnce() -> BatchError,
@@ -238,7 +238,7 @@ impl<'a> BitReader<'a> {
     }
 
     /// See [`BitWriter::se`].
-    pub(super) fn se(&mut self, max_magnitude: u64) -> Result<i64, BatchError> {
+    pub(crate) fn se(&mut self, max_magnitude: u64) -> Result<i64, BatchError> {
         let z = self.ue(max_magnitude.saturating_mul(2), || {
             BatchError::Invalid("a small signed field is out of range")
         })?;
@@ -246,18 +246,18 @@ impl<'a> BitReader<'a> {
     }
 
     /// See [`BitWriter::uv`].
-    pub(super) fn uv(&mut self) -> Result<u64, BatchError> {
+    pub(crate) fn uv(&mut self) -> Result<u64, BatchError> {
         let n = self.bits(6)? as u32;
         self.bits(n + 1)
     }
 
     /// See [`BitWriter::sv`].
-    pub(super) fn sv(&mut self) -> Result<i64, BatchError> {
+    pub(crate) fn sv(&mut self) -> Result<i64, BatchError> {
         Ok(unzigzag(self.uv()?))
     }
 
     /// See [`BitWriter::rice`].
-    pub(super) fn rice(&mut self, k: u32) -> Result<u64, BatchError> {
+    pub(crate) fn rice(&mut self, k: u32) -> Result<u64, BatchError> {
         let mut q = 0u64;
         while q < RICE_ESCAPE && self.bit()? {
             q += 1;
@@ -275,7 +275,7 @@ impl<'a> BitReader<'a> {
     }
 
     /// Checks that only zero padding (fewer than 8 bits) is left.
-    pub(super) fn finish(self) -> Result<(), BatchError> {
+    pub(crate) fn finish(self) -> Result<(), BatchError> {
         let rest = self.remaining();
         if rest >= 8 {
             return Err(BatchError::TrailingBytes { count: rest / 8 });
@@ -289,12 +289,12 @@ impl<'a> BitReader<'a> {
 }
 
 /// 0, -1, 1, -2, 2 → 0, 1, 2, 3, 4.
-pub(super) fn zigzag(v: i64) -> u64 {
+pub(crate) fn zigzag(v: i64) -> u64 {
     ((v << 1) ^ (v >> 63)) as u64
 }
 
 /// The inverse of [`zigzag`].
-pub(super) fn unzigzag(z: u64) -> i64 {
+pub(crate) fn unzigzag(z: u64) -> i64 {
     ((z >> 1) as i64) ^ -((z & 1) as i64)
 }
 

@@ -56,7 +56,7 @@ struct Plan {
 
 /// Writes `values` (at least one). The first leading value is written relative to `origin`
 /// (the batch's base time for timestamps, 0 for series values).
-pub(super) fn write(w: &mut BitWriter, values: &[i64], origin: i64) {
+pub(crate) fn write(w: &mut BitWriter, values: &[i64], origin: i64) {
     if values.is_empty() {
         return;
     }
@@ -115,7 +115,7 @@ pub(super) fn write(w: &mut BitWriter, values: &[i64], origin: i64) {
 
 /// Reads a column of `n` values written by [`write`] with the same `origin`, appending them to
 /// `out`. The caller has checked `n` against the batch limits.
-pub(super) fn read(
+pub(crate) fn read(
     r: &mut BitReader<'_>,
     n: usize,
     origin: i64,

@@ -39,8 +39,8 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-mod bits;
-mod column;
+pub(crate) mod bits;
+pub(crate) mod column;
 mod frame;
 pub mod synthetic;
 #[cfg(test)]

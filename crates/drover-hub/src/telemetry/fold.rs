@@ -1,0 +1,92 @@
+//! What the writer folds into the store: checked batches, grouped by series, and what comes
+//! out (stored or duplicate, and the points for the live stream).
+
+use drover_protocol::ids::DeviceId;
+use drover_protocol::reading::{Channel, MeterId};
+use serde::Serialize;
+
+use crate::store::{Store, StoreResult};
+
+/// One stored point: time, scaled value, clock state code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Point {
+    /// Unix ms.
+    pub ts: i64,
+    /// Scaled value.
+    pub value: i64,
+    /// [`drover_protocol::reading::ClockState`] code.
+    pub clock: u8,
+}
+
+/// The points of one series in one batch, sorted by time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeriesPoints {
+    /// The meter.
+    pub meter: MeterId,
+    /// The channel.
+    pub channel: Channel,
+    /// The decimal exponent of the values.
+    pub scale: i8,
+    /// The points.
+    pub points: Vec<Point>,
+}
+
+/// A checked batch, ready to store.
+#[derive(Debug, Clone)]
+pub struct IngestJob {
+    /// The device's organization.
+    pub org_id: i64,
+    /// The device.
+    pub device: DeviceId,
+    /// The batch's sequence number (stored once per device and number).
+    pub seq: u64,
+    /// Its points, per series.
+    pub series: Vec<SeriesPoints>,
+    /// Its size on the wire, for the device's data-use account.
+    pub bytes: u64,
+    /// The device spool's count of readings it had to drop, as of this batch.
+    pub spool_dropped: u64,
+}
+
+/// What became of a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "outcome")]
+pub enum FoldOutcome {
+    /// Stored now.
+    Stored {
+        /// Points stored (points already stored for the same series and time are skipped).
+        points: u64,
+        /// Backward steps of cumulative registers that were flagged.
+        flags: u64,
+    },
+    /// A batch with this sequence number was stored before; nothing was done.
+    Duplicate,
+}
+
+/// A point just stored, for live charts.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LivePoint {
+    /// The organization (the stream filters on it).
+    #[serde(skip)]
+    pub org_id: i64,
+    /// The series.
+    pub series: i64,
+    /// The device.
+    pub device: String,
+    /// The meter.
+    pub meter: String,
+    /// The channel.
+    pub channel: Channel,
+    /// Unix ms.
+    pub ts: i64,
+    /// The value in the channel's unit.
+    pub value: f64,
+}
+
+/// Folds a group of batches into the store in one transaction.
+pub async fn fold(
+    store: &Store,
+    jobs: &[IngestJob],
+) -> StoreResult<(Vec<FoldOutcome>, Vec<LivePoint>)> {
+    store.fold_batches(jobs).await
+}
