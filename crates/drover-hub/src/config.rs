@@ -16,6 +16,14 @@ pub const DEFAULT_PRESENCE_FLUSH_MS: u64 = 5_000;
 pub const DEFAULT_MAX_ARTIFACT_BYTES: u64 = 1 << 30;
 /// The largest JSON request body accepted (1 MiB).
 pub const DEFAULT_MAX_JSON_BYTES: usize = 1 << 20;
+/// Telemetry batches that may wait for the writer before devices are told to retry later.
+pub const DEFAULT_INGEST_QUEUE_CAPACITY: usize = 4096;
+/// Most batches the writer folds into one transaction.
+pub const DEFAULT_INGEST_GROUP_MAX: usize = 512;
+/// Days raw points are kept (then only rollups remain).
+pub const DEFAULT_RETENTION_RAW_DAYS: u32 = 400;
+/// Days 1-minute rollups are kept; hourly and daily rollups are kept for good.
+pub const DEFAULT_RETENTION_1M_DAYS: u32 = 1830;
 
 /// A secret string (a database URL with a password, say) whose `Debug` prints `***`.
 #[derive(Clone, Deserialize, PartialEq, Eq)]
@@ -59,6 +67,18 @@ pub struct HubConfig {
     /// The largest JSON request body accepted, in bytes.
     #[serde(default = "default_max_json")]
     pub max_json_bytes: usize,
+    /// Telemetry batches that may wait for the writer; beyond, devices get `503` and retry.
+    #[serde(default = "default_ingest_queue")]
+    pub ingest_queue_capacity: usize,
+    /// Most batches the writer folds into one transaction.
+    #[serde(default = "default_ingest_group")]
+    pub ingest_group_max: usize,
+    /// Days raw points are kept (0: forever).
+    #[serde(default = "default_retention_raw")]
+    pub retention_raw_days: u32,
+    /// Days 1-minute rollups are kept (0: forever); hourly and daily ones are kept for good.
+    #[serde(default = "default_retention_1m")]
+    pub retention_1m_days: u32,
 }
 
 /// TLS settings.
@@ -100,6 +120,18 @@ fn default_max_artifact() -> u64 {
 fn default_max_json() -> usize {
     DEFAULT_MAX_JSON_BYTES
 }
+fn default_ingest_queue() -> usize {
+    DEFAULT_INGEST_QUEUE_CAPACITY
+}
+fn default_ingest_group() -> usize {
+    DEFAULT_INGEST_GROUP_MAX
+}
+fn default_retention_raw() -> u32 {
+    DEFAULT_RETENTION_RAW_DAYS
+}
+fn default_retention_1m() -> u32 {
+    DEFAULT_RETENTION_1M_DAYS
+}
 
 /// Why a config was refused.
 #[derive(Debug, thiserror::Error)]
@@ -138,6 +170,10 @@ impl HubConfig {
             presence_flush_ms: DEFAULT_PRESENCE_FLUSH_MS,
             max_artifact_bytes: DEFAULT_MAX_ARTIFACT_BYTES,
             max_json_bytes: DEFAULT_MAX_JSON_BYTES,
+            ingest_queue_capacity: DEFAULT_INGEST_QUEUE_CAPACITY,
+            ingest_group_max: DEFAULT_INGEST_GROUP_MAX,
+            retention_raw_days: DEFAULT_RETENTION_RAW_DAYS,
+            retention_1m_days: DEFAULT_RETENTION_1M_DAYS,
         }
     }
 
@@ -173,6 +209,11 @@ impl HubConfig {
                 "presence_flush_ms must be 10 to 600000, got {}",
                 self.presence_flush_ms
             )));
+        }
+        if self.ingest_queue_capacity == 0 || self.ingest_group_max == 0 {
+            return Err(ConfigError::Invalid(
+                "ingest_queue_capacity and ingest_group_max must be at least 1".into(),
+            ));
         }
         if self.max_json_bytes < 1024 {
             return Err(ConfigError::Invalid(

@@ -35,6 +35,8 @@ pub use store::Store;
 
 /// The name of the organization made on first start.
 pub const DEFAULT_ORG: &str = "default";
+/// How many stored points the live stream buffers for slow listeners.
+const LIVE_BUFFER: usize = 16_384;
 /// The file (in the data directory) the first admin token is written to.
 pub const ADMIN_TOKEN_FILE: &str = "admin-token";
 
@@ -102,15 +104,34 @@ pub async fn start(config: HubConfig, shutdown: CancellationToken) -> anyhow::Re
         .with_context(|| format!("listening on {}", config.listen))?;
     let addr = listener.local_addr()?;
     let url = server::url_for(addr, tls.is_some());
+    let (live, _) = tokio::sync::broadcast::channel(LIVE_BUFFER);
+    let queue_config = telemetry::queue::QueueConfig {
+        capacity: config.ingest_queue_capacity,
+        max_group: config.ingest_group_max,
+    };
+    let (ingest, writer) = telemetry::queue::LocalQueue::start(
+        store.clone(),
+        queue_config,
+        live.clone(),
+        shutdown.clone(),
+    );
     let state = HubState(Arc::new(state::Shared {
         store,
         artifacts: Arc::new(artifacts),
         devices: cache::DeviceCache::default(),
         presence: cache::PresenceBuffer::default(),
         operators: Default::default(),
+        ingest: Arc::new(ingest),
+        live,
         config,
     }));
     let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(async move {
+        if let Err(e) = writer.await {
+            tracing::error!(error = %e, "the ingest writer failed");
+        }
+    });
+    tasks.spawn(telemetry::retention::run(state.clone(), shutdown.clone()));
     tasks.spawn(server::serve(
         listener,
         api::router(state.clone()),

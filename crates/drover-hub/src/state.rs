@@ -32,6 +32,10 @@ pub struct Shared {
     pub presence: PresenceBuffer,
     /// Operator tokens by hash.
     pub operators: RwLock<HashMap<String, ApiToken>>,
+    /// Where checked telemetry batches go to become durable.
+    pub ingest: Arc<dyn crate::telemetry::queue::IngestQueue>,
+    /// Every stored point, for live charts.
+    pub live: tokio::sync::broadcast::Sender<crate::telemetry::fold::LivePoint>,
     /// The configuration.
     pub config: HubConfig,
 }

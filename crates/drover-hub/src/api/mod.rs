@@ -7,7 +7,9 @@ mod download;
 mod fleets;
 mod releases;
 mod seed;
+mod series;
 mod sites;
+mod telemetry;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
@@ -33,7 +35,8 @@ pub fn router(hub: HubState) -> Router {
         .route("/device/v1/enroll", post(device::enroll))
         .route("/device/v1/checkin", post(device::checkin))
         .route("/device/v1/reports", post(device::reports))
-        .route("/device/v1/artifacts/{sha256}", get(device::artifact));
+        .route("/device/v1/artifacts/{sha256}", get(device::artifact))
+        .route("/device/v1/batches", post(telemetry::batches));
     let manage = Router::new()
         .route("/api/v1/whoami", get(whoami))
         .route("/api/v1/fleets", get(fleets::list).post(fleets::create))
@@ -58,6 +61,9 @@ pub fn router(hub: HubState) -> Router {
         .route("/api/v1/devices", get(devices::list))
         .route("/api/v1/device-types", get(devices::device_types))
         .route("/api/v1/sites", get(sites::list).post(sites::create))
+        .route("/api/v1/series", get(series::list))
+        .route("/api/v1/series/{id}/data", get(series::data))
+        .route("/api/v1/live", get(series::live))
         .route(
             "/api/v1/sites/{site}",
             get(sites::show).patch(sites::update),

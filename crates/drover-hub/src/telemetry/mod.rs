@@ -5,4 +5,5 @@ pub mod chunk;
 pub mod energy;
 pub mod fold;
 pub mod queue;
+pub mod retention;
 pub mod rollup;

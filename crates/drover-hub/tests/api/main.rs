@@ -161,10 +161,12 @@ macro_rules! both_engines {
 mod auth_and_input;
 mod device_protocol;
 mod operators;
+mod telemetry;
 
 use auth_and_input::*;
 use device_protocol::*;
 use operators::*;
+use telemetry::*;
 
 both_engines!(
     enrolment_accepted_and_pending,
@@ -178,4 +180,7 @@ both_engines!(
     seed_protocol_devices_update_and_report,
     presence_and_fleet_status_follow_checkins,
     sites_answer_who_has_this_box,
+    batches_are_stored_once_and_queryable,
+    bad_frames_are_refused_and_nothing_is_stored,
+    new_points_stream_live,
 );

@@ -1,0 +1,342 @@
+//! Telemetry batches through the bridge, and the query API on what was stored.
+
+use drover_protocol::batch::{self, Batch, synthetic};
+use drover_protocol::ids::DeviceId;
+use drover_protocol::reading::Reading;
+
+use super::*;
+
+impl TestDevice {
+    pub(crate) async fn send_batch(
+        &self,
+        frame: Vec<u8>,
+    ) -> (u16, Value, reqwest::header::HeaderMap) {
+        let response = self
+            .http
+            .post(format!("{}/device/v1/batches", self.base))
+            .bearer_auth(&self.credential)
+            .header("content-type", batch::CONTENT_TYPE)
+            .body(frame)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let text = response.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::Null),
+            headers,
+        )
+    }
+
+    pub(crate) fn frame(&self, seq: u64, readings: Vec<Reading>) -> Vec<u8> {
+        batch::encode(&Batch {
+            device: DeviceId::parse(&self.id).unwrap(),
+            seq,
+            readings,
+        })
+        .unwrap()
+    }
+}
+
+/// Two minutes of the synthetic 3-channel meter (60 polls at 2 s), starting at `poll`.
+fn readings(polls: std::ops::Range<usize>) -> Vec<Reading> {
+    let all = synthetic::solar_meter(11, polls.end);
+    let start = synthetic::START_MS + polls.start as i64 * 2_000 - 5;
+    all.into_iter().filter(|r| r.ts_ms >= start).collect()
+}
+
+pub(crate) async fn batches_are_stored_once_and_queryable(hub: &TestHub) {
+    let api = hub.api();
+    let (pk, _) = api.create_fleet("solar", true, 60).await.unwrap();
+    let (_, _, device) = TestDevice::enroll(hub, &pk).await;
+    let first = device.frame(1, readings(0..60));
+    let (status, body, _) = device.send_batch(first.clone()).await;
+    assert_eq!(status, 204, "{body}");
+    // A resend after a lost answer is acknowledged again and stored once.
+    assert_eq!(device.send_batch(first).await.0, 204);
+    assert_eq!(
+        device.send_batch(device.frame(2, readings(60..90))).await.0,
+        204
+    );
+
+    let (status, series) = api
+        .get(&format!("/api/v1/series?device={}", device.id))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{series}");
+    let series = series.as_array().unwrap().clone();
+    assert_eq!(series.len(), 3, "{series:?}");
+    let by_channel = |c: &str| series.iter().find(|s| s["channel"] == c).unwrap().clone();
+    let energy = by_channel("energy_import");
+    let power = by_channel("power");
+    assert_eq!(energy["points"], 90);
+    assert_eq!(energy["unit"], "Wh");
+    assert_eq!(power["unit"], "W");
+    let from = synthetic::START_MS - 60_000;
+    let to = synthetic::START_MS + 3_600_000;
+    let (status, raw) = api
+        .get(&format!(
+            "/api/v1/series/{}/data?from={from}&to={to}",
+            power["id"]
+        ))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{raw}");
+    let points = raw["points"].as_array().unwrap();
+    assert_eq!(points.len(), 90);
+    let expected: Vec<f64> = readings(0..90)
+        .iter()
+        .filter(|r| r.channel.name() == "power")
+        .map(Reading::as_f64)
+        .collect();
+    let got: Vec<f64> = points.iter().map(|p| p[1].as_f64().unwrap()).collect();
+    assert_eq!(got, expected);
+
+    let (_, minutes) = api
+        .get(&format!(
+            "/api/v1/series/{}/data?from={from}&to={to}&resolution=1m&agg=max",
+            power["id"]
+        ))
+        .await
+        .unwrap();
+    let buckets = minutes["points"].as_array().unwrap();
+    assert!((3..=4).contains(&buckets.len()), "{minutes}");
+    let max = buckets
+        .iter()
+        .map(|b| b[1].as_f64().unwrap())
+        .fold(f64::MIN, f64::max);
+    assert!((max - expected.iter().copied().fold(f64::MIN, f64::max)).abs() < 1e-9);
+
+    let (_, energy_buckets) = api
+        .get(&format!(
+            "/api/v1/series/{}/data?from={from}&to={to}&resolution=1h&agg=energy",
+            energy["id"]
+        ))
+        .await
+        .unwrap();
+    let total: f64 = energy_buckets["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p[1].as_f64().unwrap())
+        .sum();
+    let register: Vec<i64> = readings(0..90)
+        .iter()
+        .filter(|r| r.channel.name() == "energy_import")
+        .map(|r| r.value)
+        .collect();
+    assert_eq!(total as i64, register.last().unwrap() - register[0]);
+
+    let (status, body) = api
+        .get(&format!(
+            "/api/v1/series/{}/data?resolution=1h&agg=energy",
+            power["id"]
+        ))
+        .await
+        .unwrap();
+    assert_eq!((status, body["error"].as_str()), (400, Some("invalid_agg")));
+    let (status, body) = api
+        .get(&format!(
+            "/api/v1/series/{}/data?resolution=5m",
+            power["id"]
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_resolution"))
+    );
+    let (status, body) = api.get("/api/v1/series?channel=heat").await.unwrap();
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_channel"))
+    );
+    let (status, _) = api.get("/api/v1/series/999999/data").await.unwrap();
+    assert_eq!(status, 404);
+}
+
+pub(crate) async fn bad_frames_are_refused_and_nothing_is_stored(hub: &TestHub) {
+    let api = hub.api();
+    let (pk, _) = api.create_fleet("solar", true, 60).await.unwrap();
+    let (_, _, device) = TestDevice::enroll(hub, &pk).await;
+    let (_, _, other) = TestDevice::enroll(hub, &pk).await;
+    let good = device.frame(1, readings(0..10));
+
+    let (status, body, _) = device.send_batch(good[..good.len() / 2].to_vec()).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().starts_with("batch_"),
+        "{body}"
+    );
+    let mut flipped = good.clone();
+    flipped[10] ^= 1;
+    let (status, body, _) = device.send_batch(flipped).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("batch_checksum"))
+    );
+    let (status, body, _) = other.send_batch(good.clone()).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (403, Some("device_mismatch"))
+    );
+    let mut future = readings(0..1);
+    future[0].ts_ms = drover_hub::store::now_ms() + 3_600_000;
+    let (status, body, _) = device.send_batch(device.frame(2, future)).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (422, Some("implausible_batch"))
+    );
+    assert!(
+        body["message"].as_str().unwrap().contains("clock"),
+        "{body}"
+    );
+    let response = device
+        .http
+        .post(format!("{}/device/v1/batches", hub.url))
+        .bearer_auth(&device.credential)
+        .body(good.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 415);
+    let (status, body, _) = device.send_batch(vec![0u8; 5 << 20]).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (413, Some("batch_too_large"))
+    );
+    let anonymous = reqwest::Client::new()
+        .post(format!("{}/device/v1/batches", hub.url))
+        .header("content-type", batch::CONTENT_TYPE)
+        .body(good)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anonymous.status(), 401);
+    let (_, series) = api.get("/api/v1/series").await.unwrap();
+    assert_eq!(series, json!([]), "nothing was stored");
+}
+
+pub(crate) async fn new_points_stream_live(hub: &TestHub) {
+    let api = hub.api();
+    let (pk, _) = api.create_fleet("solar", true, 60).await.unwrap();
+    let (_, _, device) = TestDevice::enroll(hub, &pk).await;
+    let mut stream = api
+        .client
+        .get(format!("{}/api/v1/live?device={}", hub.url, device.id))
+        .bearer_auth(&api.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    assert_eq!(
+        stream.headers()["content-type"].to_str().unwrap(),
+        "text/event-stream"
+    );
+    assert_eq!(
+        device.send_batch(device.frame(1, readings(0..2))).await.0,
+        204
+    );
+    let mut received = String::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while received.matches("event: point").count() < 6 {
+        let chunk = tokio::time::timeout_at(deadline, stream.chunk())
+            .await
+            .expect("live points within 10s")
+            .unwrap()
+            .unwrap();
+        received.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(received.contains("\"channel\":\"power\""), "{received}");
+    assert!(
+        received.contains(&format!("\"device\":\"{}\"", device.id)),
+        "{received}"
+    );
+}
+
+#[tokio::test]
+async fn a_full_queue_answers_503_and_loses_nothing_acknowledged() {
+    let hub = TestHub::start_with(Engine::Sqlite, |c| {
+        c.ingest_queue_capacity = 1;
+        c.ingest_group_max = 1;
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let api = hub.api();
+    let (pk, _) = api.create_fleet("solar", true, 60).await.unwrap();
+    let mut devices = Vec::new();
+    for _ in 0..6 {
+        devices.push(std::sync::Arc::new(TestDevice::enroll(&hub, &pk).await.2));
+    }
+    // Hold SQLite's write lock so that the writer blocks on the first batch it takes.
+    use sqlx::Connection as _;
+    let url = format!("sqlite://{}", hub.data_dir.join("drover.db").display());
+    let mut blocker = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    sqlx::raw_sql("BEGIN IMMEDIATE")
+        .execute(&mut blocker)
+        .await
+        .unwrap();
+    let sends: Vec<_> = devices
+        .iter()
+        .map(|device| {
+            let device = std::sync::Arc::clone(device);
+            tokio::spawn(async move {
+                let frame = device.frame(1, readings(0..10));
+                device.send_batch(frame).await
+            })
+        })
+        .collect();
+    // One batch is being written and one waits; the other four are turned away at once.
+    wait_until(Duration::from_secs(10), "four refusals", || async {
+        (sends.iter().filter(|s| s.is_finished()).count() >= 4).then_some(())
+    })
+    .await;
+    let mut refused = Vec::new();
+    let mut pending = Vec::new();
+    for (device, send) in devices.iter().zip(sends) {
+        if send.is_finished() {
+            let (status, body, headers) = send.await.unwrap();
+            assert_eq!(
+                (status, body["error"].as_str()),
+                (503, Some("queue_full")),
+                "{body}"
+            );
+            assert!(headers.contains_key("retry-after"));
+            refused.push(device);
+        } else {
+            pending.push(send);
+        }
+    }
+    assert_eq!(refused.len(), 4);
+    sqlx::raw_sql("ROLLBACK")
+        .execute(&mut blocker)
+        .await
+        .unwrap();
+    for send in pending {
+        assert_eq!(send.await.unwrap().0, 204);
+    }
+    // The refused batches are still the devices' to send; sent again, they are stored.
+    for device in refused {
+        assert_eq!(
+            device.send_batch(device.frame(1, readings(0..10))).await.0,
+            204
+        );
+    }
+    for device in &devices {
+        let (_, series) = api
+            .get(&format!("/api/v1/series?device={}", device.id))
+            .await
+            .unwrap();
+        let points: i64 = series
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["points"].as_i64().unwrap())
+            .sum();
+        assert_eq!(points, 30, "device {}", device.id);
+    }
+    hub.stop().await.unwrap();
+}
