@@ -6,6 +6,7 @@ mod devices;
 mod download;
 mod fleets;
 mod releases;
+mod reports;
 mod seed;
 mod series;
 mod sites;
@@ -64,6 +65,10 @@ pub fn router(hub: HubState) -> Router {
         .route("/api/v1/series", get(series::list))
         .route("/api/v1/series/{id}/data", get(series::data))
         .route("/api/v1/live", get(series::live))
+        .route("/api/v1/reports", get(reports::list).post(reports::create))
+        .route("/api/v1/reports/{id}", get(reports::show))
+        .route("/api/v1/reports/{id}/freeze", post(reports::freeze))
+        .route("/api/v1/reports/{id}/csv", get(reports::csv))
         .route(
             "/api/v1/sites/{site}",
             get(sites::show).patch(sites::update),

@@ -19,6 +19,7 @@ mod fleets;
 pub mod migrations;
 mod orgs;
 mod releases;
+mod reports;
 mod sites;
 mod telemetry;
 
@@ -35,6 +36,7 @@ pub use devices::{
 pub use fleets::{Fleet, FleetPatch, NewFleet};
 pub use orgs::{ApiToken, Org};
 pub use releases::{NewRelease, Release};
+pub use reports::ReportRow;
 pub use sites::{Site, SitePatch};
 pub use telemetry::{CHUNK_WINDOW_MS, Series, SeriesFilter, rescale, rollup_window_ms};
 

@@ -19,14 +19,14 @@
 //! reading for much longer than the usual interval) are listed; the register keeps counting
 //! through a gap, so no energy is lost — only its timing inside the gap is unknown.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// One reading of a cumulative register: time (Unix ms) and value (in the register's scaled
 /// unit, Wh × 10^scale).
 pub type Point = (i64, i64);
 
 /// How a backward step was explained.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Anomaly {
     /// The register wrapped past its maximum.
@@ -38,7 +38,7 @@ pub enum Anomaly {
 }
 
 /// A flagged step.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Flag {
     /// The anomaly.
     pub kind: Anomaly,
@@ -55,7 +55,7 @@ pub struct Flag {
 }
 
 /// A stretch without readings.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Gap {
     /// Start (Unix ms): the last reading before it, or the period start.
     pub from_ts: i64,

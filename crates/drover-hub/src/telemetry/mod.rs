@@ -5,5 +5,6 @@ pub mod chunk;
 pub mod energy;
 pub mod fold;
 pub mod queue;
+pub mod report;
 pub mod retention;
 pub mod rollup;

@@ -183,4 +183,5 @@ both_engines!(
     batches_are_stored_once_and_queryable,
     bad_frames_are_refused_and_nothing_is_stored,
     new_points_stream_live,
+    energy_reports_handle_resets_replacements_and_freeze,
 );

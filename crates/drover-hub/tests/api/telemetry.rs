@@ -340,3 +340,174 @@ async fn a_full_queue_answers_503_and_loses_nothing_acknowledged() {
     }
     hub.stop().await.unwrap();
 }
+
+fn register(meter: &str, ts: i64, value: i64) -> Reading {
+    Reading {
+        meter: drover_protocol::reading::MeterId::parse(meter).unwrap(),
+        channel: drover_protocol::reading::Channel::EnergyImport,
+        ts_ms: ts,
+        value,
+        scale: 0,
+        clock: drover_protocol::reading::ClockState::Synced,
+    }
+}
+
+pub(crate) async fn energy_reports_handle_resets_replacements_and_freeze(hub: &TestHub) {
+    let api = hub.api();
+    let (pk, _) = api.create_fleet("solar", true, 60).await.unwrap();
+    let (_, _, device) = TestDevice::enroll(hub, &pk).await;
+    let (month_start, _) = drover_hub_month("2026-10");
+    let (status, _) = api
+        .post(
+            "/api/v1/sites",
+            json!({"name": "house", "customer": "Kristina", "reporting_start": month_start + 86_400_000}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 201);
+    api.patch(
+        &format!("/api/v1/devices/{}", device.id),
+        json!({"site": "house"}),
+    )
+    .await
+    .unwrap();
+    // Day 2 of the month, 10:00: meter 1 counts 1 Wh per 2 s for 5 minutes, is reset to 0 and
+    // counts on for 5 minutes; then nothing for 5 minutes; then meter 2 (the replacement)
+    // counts 2 Wh per 2 s for 5 minutes.
+    let t0 = month_start + 86_400_000 + 10 * 3_600_000;
+    let mut readings = Vec::new();
+    for i in 0..150 {
+        readings.push(register("modbus-1", t0 + i * 2_000, 50_000 + i));
+    }
+    for i in 0..150 {
+        readings.push(register("modbus-1", t0 + 300_000 + i * 2_000, i));
+    }
+    for i in 0..150 {
+        readings.push(register(
+            "modbus-2",
+            t0 + 900_000 + i * 2_000,
+            7_000 + 2 * i,
+        ));
+    }
+    assert_eq!(device.send_batch(device.frame(1, readings)).await.0, 204);
+    // 149 before the reset, 0 counted at the reset itself, 149 after; 298 from meter 2.
+    let expected = 149 + 149 + 298;
+
+    let (status, report) = api
+        .post(
+            "/api/v1/reports",
+            json!({"scope": "site", "subject": "house", "month": "2026-10"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{report}");
+    let content = &report["content"];
+    assert_eq!(content["energy_wh"], expected, "{content}");
+    let meters = content["meters"].as_array().unwrap();
+    assert_eq!(meters.len(), 2);
+    let m1 = meters.iter().find(|m| m["meter"] == "modbus-1").unwrap();
+    assert_eq!(m1["flags"][0]["kind"], "reset", "{m1}");
+    assert_eq!(content["replacements"][0]["old_meter"], "modbus-1");
+    assert_eq!(content["replacements"][0]["new_meter"], "modbus-2");
+    // A month with 15 minutes of data is far from complete, and the silences are listed.
+    let completeness = content["completeness_pct"].as_f64().unwrap();
+    assert!(completeness < 1.0, "{completeness}");
+    let m2_gaps = meters.iter().find(|m| m["meter"] == "modbus-2").unwrap()["gaps"]
+        .as_array()
+        .unwrap()
+        .len();
+    assert_eq!(m2_gaps, 2, "before and after its readings");
+    assert_eq!(m1["gaps"].as_array().unwrap().len(), 2);
+
+    // Since the reporting start (day 2): the same energy.
+    let (_, since) = api
+        .post(
+            "/api/v1/reports",
+            json!({"scope": "customer", "subject": "Kristina", "since_start": true}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(since["content"]["energy_wh"], expected);
+    assert_eq!(since["content"]["from"], month_start + 86_400_000);
+
+    // Freeze the month report; later data (a late batch for the same month) does not change it.
+    let id = report["id"].as_i64().unwrap();
+    let (status, frozen) = api
+        .post(&format!("/api/v1/reports/{id}/freeze"), json!({}))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{frozen}");
+    let hash = frozen["sha256"].as_str().unwrap().to_string();
+    assert_eq!(hash.len(), 64);
+    assert_eq!(frozen["verified"], true);
+    let late = vec![register("modbus-2", t0 + 1_200_000, 7_500)];
+    assert_eq!(device.send_batch(device.frame(2, late)).await.0, 204);
+    let (_, again) = api.get(&format!("/api/v1/reports/{id}")).await.unwrap();
+    assert_eq!(again["content"]["energy_wh"], expected);
+    assert_eq!(again["sha256"], hash.as_str());
+    assert_eq!(again["verified"], true);
+    let (status, body) = api
+        .post(&format!("/api/v1/reports/{id}/freeze"), json!({}))
+        .await
+        .unwrap();
+    assert_eq!((status, body["error"].as_str()), (409, Some("conflict")));
+    // A new report sees the late data.
+    let (_, fresh) = api
+        .post(
+            "/api/v1/reports",
+            json!({"scope": "site", "subject": "house", "month": "2026-10"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(fresh["content"]["energy_wh"], expected + (7_500 - 7_298));
+
+    let response = api
+        .client
+        .get(format!("{}/api/v1/reports/{id}/csv", hub.url))
+        .bearer_auth(&api.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let csv = response.text().await.unwrap();
+    assert!(csv.contains(&hash), "{csv}");
+    assert!(csv.contains(&format!("total,,,{month_start},")), "{csv}");
+    assert!(csv.contains("# gaps") && csv.contains("Reset"), "{csv}");
+
+    let (status, body) = api
+        .post(
+            "/api/v1/reports",
+            json!({"scope": "site", "subject": "house"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_period"))
+    );
+    let (status, body) = api
+        .post(
+            "/api/v1/reports",
+            json!({"scope": "planet", "subject": "earth", "month": "2026-10"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_scope"))
+    );
+    let (status, _) = api.get("/api/v1/reports/99999").await.unwrap();
+    assert_eq!(status, 404);
+}
+
+fn drover_hub_month(month: &str) -> (i64, i64) {
+    let (y, m) = month.split_once('-').unwrap();
+    let date = time::Date::from_calendar_date(
+        y.parse().unwrap(),
+        time::Month::try_from(m.parse::<u8>().unwrap()).unwrap(),
+        1,
+    )
+    .unwrap();
+    let start = date.midnight().assume_utc().unix_timestamp() * 1000;
+    (start, start + 31 * 86_400_000)
+}
