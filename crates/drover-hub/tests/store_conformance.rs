@@ -718,7 +718,7 @@ mod cases {
         IngestJob {
             org_id,
             device: device.clone(),
-            seq,
+            seq: Some(seq),
             series,
             bytes: 100,
             spool_dropped: 0,

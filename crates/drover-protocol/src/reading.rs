@@ -36,10 +36,13 @@ pub enum Channel {
     Frequency = 10,
     /// A cumulative pulse count (S0 input), unitless.
     Pulses = 11,
+    /// Energy counted in the interval that ends at the reading's time, in Wh (not cumulative):
+    /// what the seed's pulse meters reported as energy events.
+    EnergyInterval = 12,
 }
 
 /// Every channel, in code order.
-pub const CHANNELS: [Channel; 11] = [
+pub const CHANNELS: [Channel; 12] = [
     Channel::EnergyImport,
     Channel::EnergyExport,
     Channel::Power,
@@ -51,6 +54,7 @@ pub const CHANNELS: [Channel; 11] = [
     Channel::CurrentL3,
     Channel::Frequency,
     Channel::Pulses,
+    Channel::EnergyInterval,
 ];
 
 /// The unit of a channel's values (before scaling).
@@ -110,6 +114,7 @@ impl Channel {
             Channel::CurrentL3 => "current_l3",
             Channel::Frequency => "frequency",
             Channel::Pulses => "pulses",
+            Channel::EnergyInterval => "energy_interval",
         }
     }
 
@@ -121,7 +126,9 @@ impl Channel {
     /// The unit of its values.
     pub fn unit(self) -> Unit {
         match self {
-            Channel::EnergyImport | Channel::EnergyExport => Unit::WattHour,
+            Channel::EnergyImport | Channel::EnergyExport | Channel::EnergyInterval => {
+                Unit::WattHour
+            }
             Channel::Power => Unit::Watt,
             Channel::VoltageL1 | Channel::VoltageL2 | Channel::VoltageL3 => Unit::Volt,
             Channel::CurrentL1 | Channel::CurrentL2 | Channel::CurrentL3 => Unit::Ampere,

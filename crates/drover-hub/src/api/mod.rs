@@ -85,6 +85,14 @@ pub fn router(hub: HubState) -> Router {
         .route("/seed/{secret}/updateme", get(seed::updateme))
         .route("/seed/{secret}/howitworkedout", post(seed::howitworkedout))
         .route("/seed/{secret}/time", get(seed::time))
+        .route(
+            "/seed/{secret}/modbusnotification",
+            post(seed::modbusnotification),
+        )
+        .route(
+            "/seed/{secret}/energynotification",
+            post(seed::energynotification),
+        )
         .route("/seed/{secret}/artifacts/{sha256}", get(seed::artifact));
     // Artifact uploads stream to disk under their own limit (max_artifact_bytes), so the JSON
     // body limit must not apply to them.

@@ -302,3 +302,287 @@ mod tests {
         assert_eq!(iso_time(t), "2017-05-21T15:00:00.123Z");
     }
 }
+
+/// The most measurements or events one seed notification may carry (the seed's largest known
+/// backlog was 36,000 events).
+pub const SEED_MAX_POINTS: usize = 100_000;
+
+/// `POST {base}/modbusnotification` body.
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ModbusNotification {
+    /// The device's ID.
+    pub device_id: String,
+    /// The readings.
+    pub measurements: Vec<ModbusMeasurement>,
+}
+
+/// One reading of a Modbus meter's cumulative energy register.
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ModbusMeasurement {
+    /// The meter's serial number (a string or a number).
+    pub serial_number: serde_json::Value,
+    /// The cumulative register, in Wh.
+    pub energy: f64,
+    /// ISO-8601.
+    pub time: String,
+}
+
+/// `POST {base}/energynotification` body: one meter's events, or a list of them.
+#[derive(Debug, serde::Deserialize)]
+#[serde(untagged)]
+pub enum EnergyNotification {
+    /// Several meters (the seed's normal body).
+    Many(Vec<MeterEvents>),
+    /// One meter (how the seed split big backlogs).
+    One(MeterEvents),
+}
+
+/// One pulse meter's energy events.
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MeterEvents {
+    /// The meter's name (a string or a number).
+    pub meter_name: serde_json::Value,
+    /// Its events.
+    pub events: Vec<EnergyEvent>,
+}
+
+/// Energy counted in one interval.
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EnergyEvent {
+    /// When the interval ended (ISO-8601).
+    pub end_time: String,
+    /// Its length in seconds.
+    #[serde(default)]
+    pub seconds: Option<f64>,
+    /// Energy in Wh.
+    pub energy: f64,
+}
+
+fn json_text(value: &serde_json::Value) -> String {
+    match value {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn parse_iso(text: &str) -> Result<i64, ApiError> {
+    let t = OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).map_err(
+        |_| {
+            ApiError::bad_request(
+                "invalid_time",
+                format!("times are ISO-8601 such as 2017-05-21T15:00:00.000Z, got {text:?}"),
+            )
+        },
+    )?;
+    i64::try_from(t.unix_timestamp_nanos() / 1_000_000)
+        .map_err(|_| ApiError::bad_request("invalid_time", "time out of range"))
+}
+
+/// Scaled integers for values that may have decimals: whole Wh when all of them are whole,
+/// else thousandths.
+fn scaled(values: &[f64]) -> Result<(i8, Vec<i64>), ApiError> {
+    if values.iter().any(|v| !v.is_finite() || v.abs() > 9.0e15) {
+        return Err(ApiError::bad_request(
+            "invalid_energy",
+            "energy values must be finite numbers",
+        ));
+    }
+    if values.iter().all(|v| v.fract() == 0.0) {
+        return Ok((0, values.iter().map(|v| *v as i64).collect()));
+    }
+    Ok((
+        -3,
+        values.iter().map(|v| (v * 1000.0).round() as i64).collect(),
+    ))
+}
+
+fn meter_id(prefix: &str, name: &str) -> Result<drover_protocol::reading::MeterId, ApiError> {
+    drover_protocol::reading::MeterId::parse(&format!("{prefix}-{name}"))
+        .map_err(|e| ApiError::bad_request("invalid_meter", e.to_string()))
+}
+
+async fn store_seed_points(
+    hub: &HubState,
+    fleet: &Fleet,
+    device: DeviceId,
+    series: Vec<crate::telemetry::fold::SeriesPoints>,
+    bytes: usize,
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    let horizon = now_ms() + crate::api::telemetry::MAX_FUTURE_MS;
+    if series
+        .iter()
+        .flat_map(|s| &s.points)
+        .any(|p| p.ts > horizon)
+    {
+        return Err(ApiError::new(
+            axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+            "implausible_batch",
+            "a reading lies more than 10 minutes ahead of the hub's clock; check the device's clock",
+        ));
+    }
+    let job = crate::telemetry::fold::IngestJob {
+        org_id: fleet.org_id,
+        device,
+        seq: None,
+        series,
+        bytes: bytes as u64,
+        spool_dropped: 0,
+    };
+    match hub.ingest.submit(job).await {
+        Ok(_) => Ok(axum::Json(serde_json::json!({ "status": "ok" }))),
+        Err(crate::telemetry::queue::QueueError::Full { .. }) => Err(ApiError::new(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "queue_full",
+            "the hub is busy; nothing was stored; send the same readings again",
+        )),
+        Err(e) => Err(ApiError::internal(e)),
+    }
+}
+
+/// `POST {base}/modbusnotification`: cumulative register readings of Modbus meters, as the
+/// seed's meter reader sent them. A resend of the same readings is stored once (points are
+/// deduplicated on meter and time).
+pub async fn modbusnotification(
+    State(hub): State<HubState>,
+    Path(secret): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    let fleet = fleet_for(&hub, &secret).await?;
+    let note: ModbusNotification = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(
+            "invalid_body",
+            format!("not a modbusnotification body: {e}"),
+        )
+    })?;
+    if note.measurements.len() > SEED_MAX_POINTS {
+        return Err(ApiError::new(
+            axum::http::StatusCode::PAYLOAD_TOO_LARGE,
+            "too_many_measurements",
+            format!("send at most {SEED_MAX_POINTS} measurements per request"),
+        ));
+    }
+    let device_id = parse_device_id(&note.device_id)?;
+    let status = if fleet.auto_accept {
+        DeviceStatus::Accepted
+    } else {
+        DeviceStatus::Pending
+    };
+    let device = hub
+        .store
+        .ensure_seed_device(
+            fleet.org_id,
+            fleet.id,
+            &device_id,
+            status,
+            crate::store::PROTOCOL_SEED,
+            "seed",
+        )
+        .await?;
+    if device.status == DeviceStatus::Revoked {
+        return Err(ApiError::forbidden(
+            "device_revoked",
+            format!("device {device_id} was revoked"),
+        ));
+    }
+    let mut by_meter: std::collections::BTreeMap<String, Vec<(i64, f64)>> = Default::default();
+    for m in &note.measurements {
+        by_meter
+            .entry(json_text(&m.serial_number))
+            .or_default()
+            .push((parse_iso(&m.time)?, m.energy));
+    }
+    let mut series = Vec::new();
+    for (serial, readings) in by_meter {
+        let (scale, values) = scaled(&readings.iter().map(|(_, e)| *e).collect::<Vec<_>>())?;
+        let mut points: Vec<crate::telemetry::fold::Point> = readings
+            .iter()
+            .zip(values)
+            .map(|((ts, _), value)| crate::telemetry::fold::Point {
+                ts: *ts,
+                value,
+                clock: 2,
+            })
+            .collect();
+        points.sort_by_key(|p| p.ts);
+        series.push(crate::telemetry::fold::SeriesPoints {
+            meter: meter_id("modbus", &serial)?,
+            channel: drover_protocol::reading::Channel::EnergyImport,
+            scale,
+            points,
+        });
+    }
+    store_seed_points(&hub, &fleet, device_id, series, body.len()).await
+}
+
+/// `POST {base}/energynotification`: the seed's pulse meters' energy per interval. These
+/// carry no device ID, so their series belong to one placeholder device per fleet
+/// (`seedmeters-<n>`). Events are deduplicated on (meter, end time), as the seed's design asked.
+pub async fn energynotification(
+    State(hub): State<HubState>,
+    Path(secret): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    let fleet = fleet_for(&hub, &secret).await?;
+    let note: EnergyNotification = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(
+            "invalid_body",
+            format!("not an energynotification body: {e}"),
+        )
+    })?;
+    let meters = match note {
+        EnergyNotification::Many(m) => m,
+        EnergyNotification::One(m) => vec![m],
+    };
+    if meters.iter().map(|m| m.events.len()).sum::<usize>() > SEED_MAX_POINTS {
+        return Err(ApiError::new(
+            axum::http::StatusCode::PAYLOAD_TOO_LARGE,
+            "too_many_events",
+            format!("send at most {SEED_MAX_POINTS} events per request"),
+        ));
+    }
+    let device_id = parse_device_id(&format!("seedmeters-{}", fleet.id))?;
+    hub.store
+        .ensure_seed_device(
+            fleet.org_id,
+            fleet.id,
+            &device_id,
+            DeviceStatus::Accepted,
+            "seed-meters",
+            "seed-pulse-meter",
+        )
+        .await?;
+    let mut series = Vec::new();
+    for meter in meters {
+        let energies: Vec<f64> = meter.events.iter().map(|e| e.energy).collect();
+        let (scale, values) = scaled(&energies)?;
+        let mut points = Vec::with_capacity(values.len());
+        for (event, value) in meter.events.iter().zip(values) {
+            if event
+                .seconds
+                .is_some_and(|s| !(0.0..=86_400.0).contains(&s))
+            {
+                return Err(ApiError::bad_request(
+                    "invalid_event",
+                    "an event's seconds must be 0 to 86400",
+                ));
+            }
+            points.push(crate::telemetry::fold::Point {
+                ts: parse_iso(&event.end_time)?,
+                value,
+                clock: 2,
+            });
+        }
+        points.sort_by_key(|p| p.ts);
+        series.push(crate::telemetry::fold::SeriesPoints {
+            meter: meter_id("pulse", &json_text(&meter.meter_name))?,
+            channel: drover_protocol::reading::Channel::EnergyInterval,
+            scale,
+            points,
+        });
+    }
+    store_seed_points(&hub, &fleet, device_id, series, body.len()).await
+}

@@ -83,7 +83,7 @@ pub async fn batches(
     let job = IngestJob {
         org_id: device.org_id,
         device: device.id.clone(),
-        seq: decoded.seq,
+        seq: Some(decoded.seq),
         series: group_by_series(decoded.readings),
         bytes: frame.len() as u64,
         spool_dropped: 0,

@@ -572,6 +572,45 @@ impl Store {
             .ok_or_else(|| StoreError::Conflict(format!("device ID {}", poll.device_id)))
     }
 
+    /// The device a seed meter format names, created the first time (pending or accepted per
+    /// `status`) with the given protocol and device type. A device ID already used by another
+    /// fleet or organization is refused with a conflict.
+    pub async fn ensure_seed_device(
+        &self,
+        org_id: i64,
+        fleet_id: i64,
+        id: &DeviceId,
+        status: DeviceStatus,
+        protocol: &str,
+        device_type: &str,
+    ) -> StoreResult<Device> {
+        let now = now_ms();
+        sqlx::query(
+            "INSERT INTO devices (id, org_id, fleet_id, device_type, status, protocol,
+                agent_version, update_phase, update_failures, os, arch, hostname, uptime_s, tags,
+                attributes, config, retry_generation, last_report_seq, created_at, accepted_at)
+             VALUES ($1, $2, $3, $4, $5, $6, '', 'idle', 0, '', '', '', 0, '[]', '{}', '{}', 0, 0,
+                $7, $8)
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(id.as_str())
+        .bind(org_id)
+        .bind(fleet_id)
+        .bind(device_type)
+        .bind(status.as_str())
+        .bind(protocol)
+        .bind(now)
+        .bind((status == DeviceStatus::Accepted).then_some(now))
+        .execute(&self.pool)
+        .await?;
+        match self.device_any_org(id).await? {
+            Some(d) if d.org_id == org_id && d.fleet_id == fleet_id => Ok(d),
+            _ => Err(StoreError::Conflict(format!(
+                "device ID {id} (in another fleet)"
+            ))),
+        }
+    }
+
     /// A device by ID in whatever organization it is (for the seed protocol's collision check
     /// only; never returned to a client).
     async fn device_any_org(&self, id: &DeviceId) -> StoreResult<Option<Device>> {

@@ -31,7 +31,8 @@ use sqlx::{AnyPool, Executor as _, Row as _};
 
 pub use attempts::{AttemptEvent, AttemptRecord};
 pub use devices::{
-    Device, DeviceFilter, DeviceGroup, DeviceType, NewDevice, Presence, Reported, SeedCheckin,
+    Device, DeviceFilter, DeviceGroup, DeviceType, NewDevice, PROTOCOL_DROVER, PROTOCOL_SEED,
+    Presence, Reported, SeedCheckin,
 };
 pub use fleets::{Fleet, FleetPatch, NewFleet};
 pub use orgs::{ApiToken, Org};

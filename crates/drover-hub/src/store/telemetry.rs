@@ -130,23 +130,25 @@ impl Store {
         let mut live = Vec::new();
         let now = now_ms();
         for job in jobs {
-            let seq = i64::try_from(job.seq).unwrap_or(i64::MAX);
-            let claimed = sqlx::query(
-                "UPDATE devices SET last_batch_seq = $1,
-                    telemetry_bytes = telemetry_bytes + $2,
-                    spool_dropped = CASE WHEN spool_dropped > $3 THEN spool_dropped ELSE $3 END
-                 WHERE org_id = $4 AND id = $5 AND last_batch_seq < $1",
-            )
-            .bind(seq)
-            .bind(i64::try_from(job.bytes).unwrap_or(i64::MAX))
-            .bind(i64::try_from(job.spool_dropped).unwrap_or(i64::MAX))
-            .bind(job.org_id)
-            .bind(job.device.as_str())
-            .execute(&mut *tx)
-            .await?;
-            if claimed.rows_affected() == 0 {
-                outcomes.push(FoldOutcome::Duplicate);
-                continue;
+            if let Some(seq) = job.seq {
+                let seq = i64::try_from(seq).unwrap_or(i64::MAX);
+                let claimed = sqlx::query(
+                    "UPDATE devices SET last_batch_seq = $1,
+                        telemetry_bytes = telemetry_bytes + $2,
+                        spool_dropped = CASE WHEN spool_dropped > $3 THEN spool_dropped ELSE $3 END
+                     WHERE org_id = $4 AND id = $5 AND last_batch_seq < $1",
+                )
+                .bind(seq)
+                .bind(i64::try_from(job.bytes).unwrap_or(i64::MAX))
+                .bind(i64::try_from(job.spool_dropped).unwrap_or(i64::MAX))
+                .bind(job.org_id)
+                .bind(job.device.as_str())
+                .execute(&mut *tx)
+                .await?;
+                if claimed.rows_affected() == 0 {
+                    outcomes.push(FoldOutcome::Duplicate);
+                    continue;
+                }
             }
             let mut stored = 0u64;
             let mut flagged = 0u64;

@@ -196,6 +196,56 @@ pub fn register_energy(points: &[Point], start: i64, end: i64, gap_after: i64) -
     }
 }
 
+/// Energy of interval readings (each the energy counted in the `interval_ms` before its time,
+/// as the seed's pulse meters sent them) over `[start, end)`: intervals straddling an edge are
+/// shared out in proportion to time; time not covered by any interval is a gap.
+pub fn interval_energy(points: &[Point], start: i64, end: i64, interval_ms: i64) -> RegisterEnergy {
+    let interval_ms = interval_ms.max(1);
+    let mut energy = 0f64;
+    let mut covered: Vec<(i64, i64)> = Vec::new();
+    for &(ts, value) in points {
+        let (from, to) = (ts - interval_ms, ts);
+        if to <= start || from >= end {
+            continue;
+        }
+        let (a, b) = (from.max(start), to.min(end));
+        energy += value as f64 * (b - a) as f64 / interval_ms as f64;
+        match covered.last_mut() {
+            Some(last) if last.1 >= a => last.1 = last.1.max(b),
+            _ => covered.push((a, b)),
+        }
+    }
+    let mut gaps = Vec::new();
+    let mut cursor = start;
+    for (a, b) in &covered {
+        if *a > cursor {
+            gaps.push(Gap {
+                from_ts: cursor,
+                to_ts: *a,
+            });
+        }
+        cursor = cursor.max(*b);
+    }
+    if cursor < end {
+        gaps.push(Gap {
+            from_ts: cursor,
+            to_ts: end,
+        });
+    }
+    let missing: i64 = gaps.iter().map(|g| g.to_ts - g.from_ts).sum();
+    RegisterEnergy {
+        energy: energy.round() as i64,
+        completeness_pct: (100.0 * (1.0 - missing as f64 / (end - start).max(1) as f64))
+            .clamp(0.0, 100.0),
+        gaps,
+        flags: Vec::new(),
+        readings: points
+            .iter()
+            .filter(|(t, _)| *t > start && *t <= end)
+            .count(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -290,6 +340,27 @@ mod tests {
             }]
         );
         assert_eq!(e.completeness_pct, 0.0);
+    }
+
+    #[test]
+    fn interval_energy_sums_events_and_shares_the_edges() {
+        // 10-second events of 5 Wh from 10 s to 60 s; the period starts mid-event.
+        let points: Vec<Point> = (1..=6).map(|i| (i * 10_000, 5)).collect();
+        let e = interval_energy(&points, 5_000, 60_000, 10_000);
+        assert_eq!(
+            e.energy, 28,
+            "half of the first event, then five whole ones (27.5 rounds up)"
+        );
+        assert!(e.gaps.is_empty(), "{:?}", e.gaps);
+        let e = interval_energy(&points, 0, 100_000, 10_000);
+        assert_eq!(e.energy, 30);
+        assert_eq!(
+            e.gaps,
+            vec![Gap {
+                from_ts: 60_000,
+                to_ts: 100_000
+            }]
+        );
     }
 
     #[test]

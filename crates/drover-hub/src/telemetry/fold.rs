@@ -38,8 +38,9 @@ pub struct IngestJob {
     pub org_id: i64,
     /// The device.
     pub device: DeviceId,
-    /// The batch's sequence number (stored once per device and number).
-    pub seq: u64,
+    /// The batch's sequence number (stored once per device and number); `None` for the seed's
+    /// JSON formats, which have none and are deduplicated point by point (series and time).
+    pub seq: Option<u64>,
     /// Its points, per series.
     pub series: Vec<SeriesPoints>,
     /// Its size on the wire, for the device's data-use account.

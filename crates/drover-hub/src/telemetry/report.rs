@@ -10,7 +10,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::energy::{Flag, Gap, register_energy, typical_interval};
+use super::energy::{Flag, Gap, interval_energy, register_energy, typical_interval};
 use super::rollup::Resolution;
 use crate::store::{Series, SeriesFilter, Site, Store, StoreResult, now_ms};
 
@@ -18,6 +18,8 @@ use crate::store::{Series, SeriesFilter, Site, Store, StoreResult, now_ms};
 const EDGE_LOOKAROUND_MS: i64 = 7 * 86_400_000;
 /// Minute buckets further apart than this (1.5 minutes, at least) are a gap.
 const MIN_GAP_MS: i64 = 90_000;
+/// The channels energy is reported from: cumulative registers, and the seed's interval events.
+const ENERGY_CHANNELS: [&str; 2] = ["energy_import", "energy_interval"];
 
 /// What a report covers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -138,14 +140,16 @@ pub async fn compute(
     let mut parts: Vec<(Series, i64, Option<String>)> = Vec::new();
     match scope {
         Scope::Meter { device, meter } => {
-            let filter = SeriesFilter {
-                device: Some(device.clone()),
-                meter: Some(meter.clone()),
-                channel: Some("energy_import".into()),
-                ..SeriesFilter::default()
-            };
-            for s in store.list_series(org_id, &filter).await? {
-                parts.push((s, from, None));
+            for channel in ENERGY_CHANNELS {
+                let filter = SeriesFilter {
+                    device: Some(device.clone()),
+                    meter: Some(meter.clone()),
+                    channel: Some(channel.into()),
+                    ..SeriesFilter::default()
+                };
+                for s in store.list_series(org_id, &filter).await? {
+                    parts.push((s, from, None));
+                }
             }
         }
         Scope::Site(site) => add_site(store, org_id, site, from, since_start, &mut parts).await?,
@@ -174,9 +178,13 @@ pub async fn compute(
         if let (Some(first), Some(last)) = (points.first(), points.last()) {
             first_last.push((series.device.clone(), series.meter.clone(), first.0, last.0));
         }
-        let gap_after =
-            typical_interval(&points).map_or(MIN_GAP_MS, |t| (t * 3 / 2).max(MIN_GAP_MS));
-        let energy = register_energy(&points, start, to, gap_after);
+        let interval = typical_interval(&points);
+        let energy = if series.channel == "energy_interval" {
+            interval_energy(&points, start, to, interval.unwrap_or(10_000))
+        } else {
+            let gap_after = interval.map_or(MIN_GAP_MS, |t| (t * 3 / 2).max(MIN_GAP_MS));
+            register_energy(&points, start, to, gap_after)
+        };
         meters.push(MeterEnergy {
             device: series.device,
             site,
@@ -231,13 +239,15 @@ async fn add_site(
     } else {
         from
     };
-    let filter = SeriesFilter {
-        site_id: Some(site.id),
-        channel: Some("energy_import".into()),
-        ..SeriesFilter::default()
-    };
-    for s in store.list_series(org_id, &filter).await? {
-        parts.push((s, start, Some(site.name.clone())));
+    for channel in ENERGY_CHANNELS {
+        let filter = SeriesFilter {
+            site_id: Some(site.id),
+            channel: Some(channel.into()),
+            ..SeriesFilter::default()
+        };
+        for s in store.list_series(org_id, &filter).await? {
+            parts.push((s, start, Some(site.name.clone())));
+        }
     }
     Ok(())
 }

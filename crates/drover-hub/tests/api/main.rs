@@ -184,4 +184,5 @@ both_engines!(
     bad_frames_are_refused_and_nothing_is_stored,
     new_points_stream_live,
     energy_reports_handle_resets_replacements_and_freeze,
+    seed_meter_notifications_are_stored_once,
 );

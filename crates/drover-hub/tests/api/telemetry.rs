@@ -511,3 +511,107 @@ fn drover_hub_month(month: &str) -> (i64, i64) {
     let start = date.midnight().assume_utc().unix_timestamp() * 1000;
     (start, start + 31 * 86_400_000)
 }
+
+pub(crate) async fn seed_meter_notifications_are_stored_once(hub: &TestHub) {
+    let api = hub.api();
+    api.create_fleet("legacy", true, 60).await.unwrap();
+    let (_, fleet) = api
+        .patch("/api/v1/fleets/legacy", json!({"seed_protocol": true}))
+        .await
+        .unwrap();
+    let base = format!("{}{}", hub.url, fleet["seed_base_path"].as_str().unwrap());
+    let http = reqwest::Client::new();
+    let post =
+        |path: &'static str, body: Value| http.post(format!("{base}/{path}")).json(&body).send();
+    // The Modbus reader's format: cumulative Wh per meter serial; sent twice (a retry).
+    let modbus = json!({"deviceId": "seedbox01", "measurements": [
+        {"serialNumber": "111", "energy": 1000, "time": "2026-10-05T10:00:00.000Z"},
+        {"serialNumber": "111", "energy": 1010, "time": "2026-10-05T10:00:05.000Z"},
+        {"serialNumber": 222, "energy": 500.5, "time": "2026-10-05T10:00:00.000Z"},
+        {"serialNumber": 222, "energy": 501.25, "time": "2026-10-05T10:00:05.000Z"},
+    ]});
+    for _ in 0..2 {
+        let response = post("modbusnotification", modbus.clone()).await.unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(
+            response.json::<Value>().await.unwrap(),
+            json!({"status": "ok"})
+        );
+    }
+    let (_, series) = api.get("/api/v1/series?device=seedbox01").await.unwrap();
+    let series = series.as_array().unwrap();
+    assert_eq!(series.len(), 2, "{series:?}");
+    assert!(
+        series.iter().all(|s| s["points"] == 2),
+        "a resend is stored once: {series:?}"
+    );
+    let fractional = series.iter().find(|s| s["meter"] == "modbus-222").unwrap();
+    assert_eq!(fractional["last_value"], 501.25);
+
+    // The pulse meter's format: energy per 10-second interval; an array, and (as the seed
+    // split big backlogs) a single object; the overlap is deduplicated on (meter, end time).
+    let events = |from: usize, to: usize| -> Vec<Value> {
+        (from..to)
+            .map(|i| json!({"endTime": format!("2026-10-05T10:00:{:02}.000Z", i * 10), "seconds": 10, "energy": 2}))
+            .collect()
+    };
+    let response = post(
+        "energynotification",
+        json!([{"meterName": "12345", "events": events(1, 4)}]),
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.status(), 200);
+    let response = post(
+        "energynotification",
+        json!({"meterName": "12345", "events": events(3, 6)}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.status(), 200);
+    let (_, pulse) = api
+        .get("/api/v1/series?channel=energy_interval")
+        .await
+        .unwrap();
+    assert_eq!(pulse[0]["points"], 5, "{pulse}");
+    let device = pulse[0]["device"].as_str().unwrap().to_string();
+    assert!(device.starts_with("seedmeters-"), "{device}");
+    let (status, report) = api
+        .post(
+            "/api/v1/reports",
+            json!({"scope": "meter", "subject": format!("{device}/pulse-12345"), "month": "2026-10"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{report}");
+    assert_eq!(
+        report["content"]["energy_wh"], 10,
+        "five 2-Wh events, each counted once"
+    );
+    let (_, report) = api
+        .post(
+            "/api/v1/reports",
+            json!({"scope": "meter", "subject": "seedbox01/modbus-111", "month": "2026-10"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(report["content"]["energy_wh"], 10);
+
+    let response = post("modbusnotification", json!({"measurements": []}))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let future = json!({"deviceId": "seedbox01", "measurements": [
+        {"serialNumber": "111", "energy": 1020, "time": "2099-01-01T00:00:00.000Z"}]});
+    let response = post("modbusnotification", future).await.unwrap();
+    assert_eq!(response.status(), 422);
+    let bad_time = json!({"deviceId": "seedbox01", "measurements": [
+        {"serialNumber": "111", "energy": 1020, "time": "yesterday"}]});
+    let response = post("modbusnotification", bad_time).await.unwrap();
+    assert_eq!(response.status(), 400);
+    let (_, series) = api
+        .get("/api/v1/series?device=seedbox01&meter=modbus-111")
+        .await
+        .unwrap();
+    assert_eq!(series[0]["points"], 2, "refused requests stored nothing");
+}
