@@ -299,6 +299,7 @@ impl Agent {
                 agent_version: crate::AGENT_VERSION.to_string(),
                 update: store.get().status(now_ms()),
                 facts: send_facts.then(|| facts.clone()),
+                telemetry: None,
             }
         };
         let answer = self.client.checkin(&enrolment.credential, &request).await;

@@ -357,6 +357,7 @@ mod tests {
             agent_version: "0".into(),
             update: drover_protocol::device::UpdateStatus::idle(),
             facts: None,
+            telemetry: None,
         };
         let err = hub.checkin("x", &request).await.unwrap_err();
         assert!(err.is_transient());

@@ -62,6 +62,7 @@ pub async fn enrol_and_settle(
         agent_version: AGENT_VERSION.to_string(),
         update: UpdateStatus::idle(),
         facts: None,
+        telemetry: None,
     };
     let (status, body) = send_checkin(http, hub_url, &enrolled.credential, &checkin).await?;
     if status != StatusCode::OK {

@@ -44,6 +44,8 @@ pub struct CachedDevice {
     pub reported: Mutex<Reported>,
     /// The facts it reported last, minus uptime, as a hash.
     pub facts_hash: Mutex<Option<u64>>,
+    /// The telemetry status it reported last.
+    pub telemetry: Mutex<Option<drover_protocol::device::TelemetryStatus>>,
 }
 
 #[derive(Default)]
@@ -270,6 +272,7 @@ mod tests {
                 update: UpdateStatus::idle(),
             }),
             facts_hash: Mutex::new(None),
+            telemetry: Mutex::new(None),
         }
     }
 

@@ -179,6 +179,7 @@ impl HubState {
                         update: device.update.clone(),
                     }),
                     facts_hash: std::sync::Mutex::new(None),
+                    telemetry: std::sync::Mutex::new(device.telemetry.clone()),
                 }
             });
         Ok(entry)

@@ -48,6 +48,7 @@ async fn last_seen_does_not_go_back_while_a_presence_batch_is_written() {
             agent_version: "0.1.0".into(),
             update: UpdateStatus::idle(),
             facts: None,
+            telemetry: None,
         })
         .send()
         .await

@@ -223,6 +223,30 @@ pub struct CheckinRequest {
     /// Facts, when they changed or were last sent over an hour ago.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub facts: Option<Facts>,
+    /// The state of the device's telemetry (spool and data budget), when it has meters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub telemetry: Option<TelemetryStatus>,
+}
+
+/// How the device's telemetry is doing, as reported in check-ins: what waits in its spool, what
+/// the spool had to drop (never silently), and how much of its monthly data budget it used.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct TelemetryStatus {
+    /// Readings waiting in the spool.
+    #[serde(default)]
+    pub spooled: u64,
+    /// Readings the spool dropped because it was full, since the device was set up.
+    #[serde(default)]
+    pub dropped: u64,
+    /// Bytes sent for telemetry this calendar month (UTC), counted by the agent.
+    #[serde(default)]
+    pub month_bytes: u64,
+    /// The monthly budget in bytes, if one is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget_bytes: Option<u64>,
+    /// The batch interval in use (widened to stay inside the budget), in seconds.
+    #[serde(default)]
+    pub batch_interval_s: u64,
 }
 
 /// A release the device should run, as offered in a [`DesiredState`].
@@ -422,6 +446,7 @@ mod tests {
             agent_version: "0.1.0".into(),
             update: UpdateStatus::idle(),
             facts: None,
+            telemetry: None,
         };
         let json = serde_json::to_string(&req).unwrap();
         assert_eq!(serde_json::from_str::<CheckinRequest>(&json).unwrap(), req);
@@ -438,6 +463,7 @@ mod tests {
             agent_version: "0.1.0".into(),
             update: UpdateStatus::idle(),
             facts: None,
+            telemetry: None,
         };
         assert_eq!(
             serde_json::to_string(&req).unwrap(),

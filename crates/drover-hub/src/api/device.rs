@@ -178,6 +178,18 @@ pub async fn checkin(
             *device.facts_hash.lock().unwrap_or_else(|p| p.into_inner()) = Some(hash);
         }
     }
+    if let Some(telemetry) = &req.telemetry {
+        let changed = device
+            .telemetry
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            != Some(telemetry);
+        if changed {
+            hub.store.record_telemetry(&device.id, telemetry).await?;
+            *device.telemetry.lock().unwrap_or_else(|p| p.into_inner()) = Some(telemetry.clone());
+        }
+    }
     hub.presence.record(
         &device.id,
         Presence {

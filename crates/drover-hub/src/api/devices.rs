@@ -41,6 +41,10 @@ pub struct DeviceView {
     pub remote_ip: Option<String>,
     /// Its own config (merged over the fleet's).
     pub config: serde_json::Value,
+    /// Its telemetry as it last reported (spool, drops, data budget).
+    pub telemetry: Option<drover_protocol::device::TelemetryStatus>,
+    /// Telemetry bytes the hub received from it.
+    pub telemetry_bytes: i64,
     /// The site it is installed at, and that site's customer.
     pub site: Option<String>,
     /// The customer of its site.
@@ -146,6 +150,8 @@ impl<'a> FleetIndex<'a> {
             None => None,
         };
         Ok(DeviceView {
+            telemetry: device.telemetry,
+            telemetry_bytes: device.telemetry_bytes,
             site: site.as_ref().map(|s| s.name.clone()),
             customer: site.map(|s| s.customer),
             id: device.id.to_string(),

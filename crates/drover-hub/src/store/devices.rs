@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use drover_protocol::device::{DeviceStatus, Facts, UpdatePhase, UpdateStatus};
+use drover_protocol::device::{DeviceStatus, Facts, TelemetryStatus, UpdatePhase, UpdateStatus};
 use drover_protocol::ids::DeviceId;
 use serde::Serialize;
 use sqlx::Row as _;
@@ -60,6 +60,12 @@ pub struct Device {
     pub created_at: i64,
     /// The site it is installed at.
     pub site_id: Option<i64>,
+    /// Its telemetry as it last reported it (spool, drops, data budget).
+    pub telemetry: Option<TelemetryStatus>,
+    /// Telemetry bytes the hub received from it.
+    pub telemetry_bytes: i64,
+    /// Readings its spool dropped, as it last reported.
+    pub spool_dropped: i64,
 }
 
 /// What enrolling a device stores.
@@ -167,7 +173,7 @@ macro_rules! device_columns {
      agent_version, current_release, seed_snapshot, update_phase, update_release, \
      update_failures, update_message, os, arch, hostname, ip, remote_ip, uptime_s, tags, \
      attributes, config, pinned_release_id, retry_generation, retry_requested_at, \
-     last_report_seq, last_seen, created_at, site_id"
+     last_report_seq, last_seen, created_at, site_id, telemetry, telemetry_bytes, spool_dropped"
     };
 }
 
@@ -213,6 +219,11 @@ fn device_from_row(row: &AnyRow) -> StoreResult<Device> {
         last_seen: row.try_get("last_seen")?,
         created_at: row.try_get("created_at")?,
         site_id: row.try_get("site_id")?,
+        telemetry: row
+            .try_get::<Option<String>, _>("telemetry")?
+            .and_then(|t| serde_json::from_str(&t).ok()),
+        telemetry_bytes: row.try_get("telemetry_bytes")?,
+        spool_dropped: row.try_get("spool_dropped")?,
     })
 }
 
@@ -423,6 +434,25 @@ impl Store {
         .bind(to_i64(facts.uptime_s))
         .bind(json_text(&facts.tags))
         .bind(json_text(&facts.attributes))
+        .bind(id.as_str())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Stores a device's telemetry status (and the highest drop count it reported).
+    pub async fn record_telemetry(
+        &self,
+        id: &DeviceId,
+        status: &TelemetryStatus,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE devices SET telemetry = $1,
+                spool_dropped = CASE WHEN spool_dropped > $2 THEN spool_dropped ELSE $2 END
+             WHERE id = $3",
+        )
+        .bind(json_text(status))
+        .bind(to_i64(status.dropped))
         .bind(id.as_str())
         .execute(&self.pool)
         .await?;

@@ -45,6 +45,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "data cloud: sites, series, chunks, rollups, flags, reports",
         template: DATA_CLOUD,
     },
+    Migration {
+        version: 3,
+        name: "devices report their telemetry status",
+        template: "ALTER TABLE devices ADD COLUMN telemetry TEXT;",
+    },
 ];
 
 /// The initial schema, with `{pk}` standing for the engine's auto-increment primary key.

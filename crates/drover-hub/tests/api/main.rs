@@ -76,6 +76,7 @@ impl TestDevice {
             agent_version: "0.1.0".into(),
             update: UpdateStatus::idle(),
             facts: None,
+            telemetry: None,
         };
         let response = self
             .http
@@ -185,4 +186,5 @@ both_engines!(
     new_points_stream_live,
     energy_reports_handle_resets_replacements_and_freeze,
     seed_meter_notifications_are_stored_once,
+    telemetry_status_from_checkins_is_shown,
 );

@@ -615,3 +615,45 @@ pub(crate) async fn seed_meter_notifications_are_stored_once(hub: &TestHub) {
         .unwrap();
     assert_eq!(series[0]["points"], 2, "refused requests stored nothing");
 }
+
+pub(crate) async fn telemetry_status_from_checkins_is_shown(hub: &TestHub) {
+    let api = hub.api();
+    let (pk, _) = api.create_fleet("solar", true, 60).await.unwrap();
+    let (_, _, device) = TestDevice::enroll(hub, &pk).await;
+    let status = drover_protocol::device::TelemetryStatus {
+        spooled: 1_200,
+        dropped: 37,
+        month_bytes: 4_000_000,
+        budget_bytes: Some(50_000_000),
+        batch_interval_s: 120,
+    };
+    let request = drover_protocol::device::CheckinRequest {
+        protocol: 1,
+        desired_etag: None,
+        current_release: None,
+        agent_version: "0.1.0".into(),
+        update: drover_protocol::device::UpdateStatus::idle(),
+        facts: None,
+        telemetry: Some(status.clone()),
+    };
+    let response = device
+        .http
+        .post(format!("{}/device/v1/checkin", hub.url))
+        .bearer_auth(&device.credential)
+        .json(&request)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        device.send_batch(device.frame(1, readings(0..5))).await.0,
+        204
+    );
+    let (_, view) = api
+        .get(&format!("/api/v1/devices/{}", device.id))
+        .await
+        .unwrap();
+    assert_eq!(view["telemetry"]["dropped"], 37, "{view}");
+    assert_eq!(view["telemetry"]["budget_bytes"], 50_000_000);
+    assert!(view["telemetry_bytes"].as_i64().unwrap() > 0, "{view}");
+}
