@@ -11,6 +11,7 @@
 //! - [`chunk`]: the hub's storage format for columns of integers (chunks of points, rollups).
 //! - [`reading`]: meter readings (meter, channel, unit, scaled value, clock state).
 //! - [`batch`]: the binary telemetry batch a device sends the hub with its readings.
+//! - [`spool`]: the agent's on-disk spool records (length, CRC, record ID, readings).
 //! - [`error`]: the JSON error body every Drover HTTP API answers with.
 
 pub mod artifact;
@@ -22,6 +23,7 @@ pub mod ids;
 pub mod reading;
 pub mod seed;
 pub mod signing;
+pub mod spool;
 pub mod validate;
 
 /// The device protocol version. It travels in every device request body (`protocol`) and in the
