@@ -48,6 +48,18 @@ pub const MAX_TAGS: usize = 64;
 pub const MAX_ATTRIBUTE_BYTES: usize = 256;
 /// How long a stop, start or health command may run.
 pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(5 * 60);
+/// The most disk the spool of readings may take before it drops its oldest data.
+pub const DEFAULT_SPOOL_MAX_BYTES: u64 = 64 * 1024 * 1024;
+/// The size at which the spool starts a new segment file (the unit it drops and deletes).
+pub const DEFAULT_SPOOL_SEGMENT_BYTES: u64 = 1024 * 1024;
+/// The longest readings wait in the spool before they are fsync'd.
+pub const DEFAULT_SPOOL_SYNC_INTERVAL: Duration = Duration::from_secs(1);
+/// Unsynced bytes after which the spool fsyncs without waiting for the interval.
+pub const DEFAULT_SPOOL_SYNC_BYTES: u64 = 256 * 1024;
+/// The range a spool segment's size must lie in.
+pub const SPOOL_SEGMENT_BYTES_RANGE: (u64, u64) = (4096, 64 * 1024 * 1024);
+/// The longest sync interval accepted: a power cut loses at most this much of the readings.
+pub const SPOOL_MAX_SYNC_INTERVAL: Duration = Duration::from_secs(60);
 
 /// A value that must not appear in logs. `Debug` prints `***`.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -105,6 +117,8 @@ pub struct AgentConfig {
     pub script: ScriptConfig,
     /// The `app` install module.
     pub app: AppConfig,
+    /// The on-disk spool of meter readings.
+    pub spool: SpoolConfig,
 }
 
 impl Default for AgentConfig {
@@ -122,6 +136,7 @@ impl Default for AgentConfig {
             retry: RetryConfig::default(),
             script: ScriptConfig::default(),
             app: AppConfig::default(),
+            spool: SpoolConfig::default(),
         }
     }
 }
@@ -261,6 +276,71 @@ impl Default for AppConfig {
     }
 }
 
+/// `[spool]`: the on-disk queue of readings between the meters and the sender
+/// ([`crate::spool`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SpoolConfig {
+    /// The most bytes the spool's segment files may take; when full, the oldest segment is
+    /// dropped and its readings counted (at least twice `segment_bytes`).
+    pub max_bytes: u64,
+    /// The size at which a new segment file is started (4 KiB .. 64 MiB).
+    pub segment_bytes: u64,
+    /// The longest appended readings wait before they are fsync'd (at most 1m). A power cut
+    /// loses at most this much.
+    #[serde(with = "crate::duration::text")]
+    pub sync_interval: Duration,
+    /// Unsynced bytes after which the spool fsyncs at once (0: after every append).
+    pub sync_bytes: u64,
+}
+
+impl Default for SpoolConfig {
+    fn default() -> SpoolConfig {
+        SpoolConfig {
+            max_bytes: DEFAULT_SPOOL_MAX_BYTES,
+            segment_bytes: DEFAULT_SPOOL_SEGMENT_BYTES,
+            sync_interval: DEFAULT_SPOOL_SYNC_INTERVAL,
+            sync_bytes: DEFAULT_SPOOL_SYNC_BYTES,
+        }
+    }
+}
+
+impl SpoolConfig {
+    /// Checks the values; [`AgentConfig::validate`] calls it.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid =
+            |field: &'static str, message: String| ConfigError::Invalid { field, message };
+        let (min, max) = SPOOL_SEGMENT_BYTES_RANGE;
+        if !(min..=max).contains(&self.segment_bytes) {
+            return Err(invalid(
+                "spool.segment_bytes",
+                format!("must be {min} to {max} (got {})", self.segment_bytes),
+            ));
+        }
+        if self.max_bytes < 2 * self.segment_bytes {
+            return Err(invalid(
+                "spool.max_bytes",
+                format!(
+                    "must be at least twice spool.segment_bytes, {} (got {})",
+                    2 * self.segment_bytes,
+                    self.max_bytes
+                ),
+            ));
+        }
+        if self.sync_interval > SPOOL_MAX_SYNC_INTERVAL {
+            return Err(invalid(
+                "spool.sync_interval",
+                format!(
+                    "must be at most {} (got {})",
+                    format_duration(SPOOL_MAX_SYNC_INTERVAL),
+                    format_duration(self.sync_interval)
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Why a config was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -362,7 +442,8 @@ impl AgentConfig {
             drover_protocol::validate::tag(name)
                 .map_err(|e| invalid("attributes", format!("names: {e}")))?;
         }
-        self.validate_durations()
+        self.validate_durations()?;
+        self.spool.validate()
     }
 
     fn validate_durations(&self) -> Result<(), ConfigError> {
@@ -485,6 +566,7 @@ state_dir = "/tmp/x"
         assert_eq!(config.retry.max_failures, 3);
         assert_eq!(config.apps_root(), PathBuf::from("/tmp/x/apps"));
         assert_eq!(config.app_root(), PathBuf::from("/tmp/x/app"));
+        assert_eq!(config.spool, SpoolConfig::default());
     }
 
     #[test]
@@ -496,6 +578,9 @@ state_dir = "/tmp/x"
             ("[retry]\nmax_failures = 0", "retry.max_failures"),
             ("release_key = \"rsa:abc\"", "release_key"),
             ("tags = [\"has space\"]", "tags"),
+            ("[spool]\nsegment_bytes = 100", "spool.segment_bytes"),
+            ("[spool]\nmax_bytes = 1048577", "spool.max_bytes"),
+            ("[spool]\nsync_interval = \"2m\"", "spool.sync_interval"),
         ];
         for (extra, field) in cases {
             let err = AgentConfig::parse(&format!("{MINIMAL}{extra}\n"))

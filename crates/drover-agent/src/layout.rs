@@ -12,6 +12,9 @@
 //!   outbox/                   reports not yet acknowledged by the hub:
 //!     <seq, 20 digits>.json     one UpdateReport per file
 //!     next-seq                  the next sequence number, so none is ever reused
+//!   spool/                    meter readings not yet acknowledged by the hub (crate::spool):
+//!     <first record ID, 20 digits>.seg  append-only segment files of checksummed records
+//!     state.json                the acknowledged cursor and the count of dropped readings
 //!   downloads/
 //!     <sha256>.part             a download in progress (resumed with Range)
 //!     <sha256>                  a download whose size, hash and signature were verified
@@ -22,7 +25,8 @@
 //!     current -> releases/<version>
 //! ```
 //!
-//! Every file here is written with [`crate::fsutil::write_atomic`].
+//! Every file here is written with [`crate::fsutil::write_atomic`], except the spool's segments,
+//! which are append-only and checksummed record by record (see [`crate::spool`]).
 
 use std::path::{Path, PathBuf};
 
@@ -90,6 +94,11 @@ impl StateDir {
     /// Undelivered reports.
     pub fn outbox_dir(&self) -> PathBuf {
         self.root.join("outbox")
+    }
+
+    /// The spool of meter readings.
+    pub fn spool_dir(&self) -> PathBuf {
+        self.root.join("spool")
     }
 
     /// Downloads, partial and verified.

@@ -18,6 +18,7 @@
 //! - [`config`], [`duration`]: the TOML config.
 //! - [`device_config`]: the hub's config for the device, in `config.json`, and `[app] reload`.
 //! - [`layout`], [`fsutil`], [`outbox`]: the state directory and crash-safe writes.
+//! - [`spool`]: meter readings on disk until the hub acknowledges them (bounded, crash-safe).
 //! - [`schedule`]: intervals, jitter, backoff.
 //! - [`crash`]: the `DROVER_AGENT_CRASH_AT` test hook.
 //! - [`mod@status`]: `drover-agent status`.
@@ -39,6 +40,7 @@ pub mod outbox;
 pub mod process;
 pub mod schedule;
 pub mod script;
+pub mod spool;
 pub mod status;
 pub mod update;
 
