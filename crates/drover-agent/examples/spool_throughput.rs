@@ -9,7 +9,10 @@
 //! The directory (default: the system's temporary directory) should be on the disk to
 //! measure: fsync on a tmpfs costs nothing.
 
-#![allow(clippy::unwrap_used, reason = "a measuring script: a panic is a clear enough error")]
+#![allow(
+    clippy::unwrap_used,
+    reason = "a measuring script: a panic is a clear enough error"
+)]
 
 use std::time::Instant;
 

@@ -373,6 +373,8 @@ fn unzigzag(value: u64) -> i64 {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
 
     fn reading(meter: &str, channel: Channel, ts_ms: i64, value: i64) -> Reading {
@@ -451,75 +453,81 @@ mod tests {
         ));
     }
 
-    /// splitmix64: deterministic pseudo-random numbers without a dependency.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^ (z >> 31)
-        }
-
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n
-        }
-
-        /// Mostly small numbers, sometimes extremes, so every varint length is exercised.
-        fn i64(&mut self) -> i64 {
-            match self.below(4) {
-                0 => self.below(100) as i64 - 50,
-                1 => self.next() as i64,
-                2 => [i64::MIN, i64::MAX, 0, -1][self.below(4) as usize],
-                _ => 1_700_000_000_000 + self.below(1_000_000) as i64,
-            }
-        }
-    }
-
-    fn random_readings(rng: &mut Rng) -> Vec<Reading> {
-        let max = if rng.below(10) == 0 { 2000 } else { 8 };
-        let count = 1 + rng.below(max) as usize;
-        (0..count)
-            .map(|_| Reading {
-                meter: MeterId::parse(&format!("meter-{}", rng.below(5))).unwrap(),
-                channel: crate::reading::CHANNELS[rng.below(crate::reading::CHANNELS.len() as u64) as usize],
-                ts_ms: rng.i64(),
-                value: rng.i64(),
-                scale: rng.next() as i8,
-                clock: ClockState::from_code(rng.below(3) as u8).unwrap(),
+    fn arb_reading() -> impl Strategy<Value = Reading> {
+        let meters = vec![
+            "m-0",
+            "m-1",
+            "modbus-12345678",
+            "s0:heat.pump_1",
+            &"x".repeat(64),
+        ]
+        .into_iter()
+        .map(|m| MeterId::parse(m).unwrap())
+        .collect::<Vec<_>>();
+        (
+            prop::sample::select(meters),
+            prop::sample::select(crate::reading::CHANNELS.to_vec()),
+            prop_oneof![
+                4 => (0i64..1_000_000).prop_map(|d| 1_700_000_000_000 + d),
+                1 => any::<i64>(),
+                1 => Just(i64::MIN),
+                1 => Just(i64::MAX),
+            ],
+            prop_oneof![
+                4 => -100i64..100,
+                2 => any::<i64>(),
+                1 => Just(i64::MIN),
+                1 => Just(i64::MAX),
+            ],
+            any::<i8>(),
+            prop::sample::select(vec![
+                ClockState::Synced,
+                ClockState::Unsynced,
+                ClockState::Unknown,
+            ]),
+        )
+            .prop_map(|(meter, channel, ts_ms, value, scale, clock)| Reading {
+                meter,
+                channel,
+                ts_ms,
+                value,
+                scale,
+                clock,
             })
-            .collect()
     }
 
-    #[test]
-    fn random_records_round_trip_back_to_back() {
-        let mut rng = Rng(42);
-        for _ in 0..300 {
+    fn arb_record() -> impl Strategy<Value = Record> {
+        (
+            any::<u64>(),
+            any::<u64>(),
+            prop::collection::vec(arb_reading(), 1..40),
+        )
+            .prop_map(|(id, first_reading, readings)| Record {
+                id,
+                first_reading,
+                readings,
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        /// Records back to back, as a segment holds them, decode one by one to what was
+        /// encoded, and re-encode to the same bytes.
+        #[test]
+        fn records_round_trip_back_to_back(records in prop::collection::vec(arb_record(), 1..5)) {
             let mut bytes = Vec::new();
-            let mut expected = Vec::new();
-            for _ in 0..1 + rng.below(4) {
-                let readings = random_readings(&mut rng);
-                let (id, first) = (rng.next(), rng.next());
-                encode_record(id, first, &readings, &mut bytes).unwrap();
-                expected.push(Record {
-                    id,
-                    first_reading: first,
-                    readings,
-                });
+            for r in &records {
+                encode_record(r.id, r.first_reading, &r.readings, &mut bytes).unwrap();
             }
             let mut rest = &bytes[..];
-            for want in expected {
+            for want in records {
                 let (got, used) = decode_record(rest).unwrap();
-                assert_eq!(got, want);
-                assert_eq!(
-                    encode(got.id, got.first_reading, &got.readings),
-                    rest[..used]
-                );
+                prop_assert_eq!(&got, &want);
+                prop_assert_eq!(encode(got.id, got.first_reading, &got.readings), &rest[..used]);
                 rest = &rest[used..];
             }
-            assert!(rest.is_empty());
+            prop_assert!(rest.is_empty());
         }
     }
 
