@@ -62,6 +62,8 @@ use crate::config::SpoolConfig;
 use crate::fsutil::{self, Context as _, FileError};
 
 const LOCK_FILE: &str = "lock";
+/// How long [`Spool::open`] waits for another holder of the lock to let go.
+const LOCK_WAIT: Duration = Duration::from_secs(1);
 
 /// Why a spool operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -507,7 +509,8 @@ impl Drop for Spool {
     }
 }
 
-/// Takes the spool's lock file, so that two processes never append to one spool.
+/// Takes the spool's lock file, so that two processes never append to one spool; waits up to
+/// [`LOCK_WAIT`] for it.
 fn lock(dir: &Path) -> Result<File, SpoolError> {
     let path = dir.join(LOCK_FILE);
     let file = File::options()
@@ -516,9 +519,22 @@ fn lock(dir: &Path) -> Result<File, SpoolError> {
         .truncate(false)
         .open(&path)
         .at("opening", &path)?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(fs::TryLockError::WouldBlock) => Err(SpoolError::Locked(dir.to_path_buf())),
-        Err(fs::TryLockError::Error(e)) => Err(FileError::new("locking", &path, e).into()),
+    // The lock belongs to the open file, which a child process forked by another thread
+    // shares until it execs; so a spool closed and reopened in one process can find it held for
+    // a moment, and a restarting agent's predecessor may still be on its way out.
+    let started = Instant::now();
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(file),
+            Err(fs::TryLockError::WouldBlock) if started.elapsed() < LOCK_WAIT => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(fs::TryLockError::WouldBlock) => {
+                return Err(SpoolError::Locked(dir.to_path_buf()));
+            }
+            Err(fs::TryLockError::Error(e)) => {
+                return Err(FileError::new("locking", &path, e).into());
+            }
+        }
     }
 }
