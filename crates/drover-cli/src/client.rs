@@ -129,6 +129,24 @@ impl HubClient {
         decode(response, &Method::GET, path).await.map(Some)
     }
 
+    /// GET a text body (CSV, say).
+    pub async fn get_text(&self, path: &str) -> anyhow::Result<String> {
+        let response = self
+            .request(Method::GET, path)
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        if response.status().is_success() {
+            return response
+                .text()
+                .await
+                .with_context(|| format!("reading the answer to GET {path}"));
+        }
+        decode::<serde_json::Value>(response, &Method::GET, path)
+            .await
+            .map(|_| String::new())
+    }
+
     /// POST a JSON body and decode.
     pub async fn post<T: DeserializeOwned>(
         &self,

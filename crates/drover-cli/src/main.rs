@@ -60,6 +60,14 @@ enum Command {
     Release(cmd::release::ReleaseCommand),
     /// Deploy a release to a fleet, or to one device.
     Deploy(cmd::release::DeployArgs),
+    /// Time series: one channel of one meter of one device.
+    #[command(subcommand)]
+    Series(cmd::data::SeriesCommand),
+    /// Read a series over a time range, raw or rolled up.
+    Query(cmd::data::QueryArgs),
+    /// Energy reports: create, show, freeze (immutable, hashed), export.
+    #[command(subcommand)]
+    Report(cmd::data::ReportCommand),
     /// Show fleets converging on their targets (`--watch` to follow live).
     Status(cmd::status::StatusArgs),
 }
@@ -147,6 +155,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Keys(command) => cmd::release::keys(&ctx, command).await,
         Command::Release(command) => cmd::release::run(&ctx, command).await,
         Command::Deploy(args) => cmd::release::deploy(&ctx, args).await,
+        Command::Series(command) => cmd::data::series(&ctx, command).await,
+        Command::Query(args) => cmd::data::query(&ctx, args).await,
+        Command::Report(command) => cmd::data::report(&ctx, command).await,
         Command::Status(args) => cmd::status::run(&ctx, args).await,
     }
 }

@@ -376,3 +376,130 @@ async fn the_demo_converges_and_says_so() {
         .await;
     assert!(err.contains("is not empty"), "{err}");
 }
+
+#[tokio::test]
+async fn series_queries_and_reports_from_the_command_line() {
+    use drover_protocol::reading::{Channel, ClockState, MeterId, Reading};
+    let hub = TestHub::start(Engine::Sqlite).await.unwrap().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cli = Cli::new(dir.path());
+    cli.ok(&["login", "--hub", &hub.url, "--token", &hub.token])
+        .await;
+    let created = cli
+        .json(&["fleet", "create", "solar", "--auto-accept"])
+        .await;
+    let key = created["provisioning_key"].as_str().unwrap();
+    let device = drover_test_support::device::BareDevice::enroll(&hub.url, key)
+        .await
+        .unwrap();
+    cli.ok(&[
+        "site",
+        "create",
+        "house",
+        "--customer",
+        "Kristina",
+        "--reporting-start",
+        "2026-10-01",
+    ])
+    .await;
+    cli.ok(&["device", "set", device.id.as_str(), "--site", "house"])
+        .await;
+    // 2026-10-02 10:00 UTC: a register counting 3 Wh per 2 s for 10 minutes, and power.
+    let t0 = 1_790_935_200_000i64;
+    let mut readings = Vec::new();
+    for i in 0..300 {
+        for (channel, value) in [
+            (Channel::EnergyImport, 10_000 + 3 * i),
+            (Channel::Power, 5_400),
+        ] {
+            readings.push(Reading {
+                meter: MeterId::parse("modbus-42").unwrap(),
+                channel,
+                ts_ms: t0 + i * 2_000,
+                value,
+                scale: 0,
+                clock: ClockState::Synced,
+            });
+        }
+    }
+    assert_eq!(device.send(1, readings).await.unwrap(), 204);
+
+    let series = cli.ok(&["series", "list", "--site", "house"]).await;
+    assert!(
+        series.contains("energy_import") && series.contains("modbus-42"),
+        "{series}"
+    );
+    let listed = cli.json(&["series", "list", "--channel", "power"]).await;
+    assert_eq!(listed[0]["points"], 300);
+    let csv = cli
+        .ok(&[
+            "query",
+            "--device",
+            device.id.as_str(),
+            "--channel",
+            "power",
+            "--from",
+            "2026-10-02",
+            "--to",
+            "2026-10-03",
+            "--resolution",
+            "1m",
+            "--agg",
+            "avg",
+            "--format",
+            "csv",
+        ])
+        .await;
+    assert!(csv.starts_with("time_ms,time,value\n"), "{csv}");
+    assert_eq!(csv.lines().count(), 1 + 10, "ten minutes: {csv}");
+    assert!(csv.contains(",5400"), "{csv}");
+    let err = cli.fails(&["query", "--device", device.id.as_str()]).await;
+    assert!(err.contains("2 series match"), "{err}");
+
+    let report = cli
+        .json(&[
+            "report",
+            "create",
+            "--scope",
+            "site",
+            "--subject",
+            "house",
+            "--month",
+            "2026-10",
+        ])
+        .await;
+    assert_eq!(report["content"]["energy_wh"], 3 * 299);
+    let id = report["id"].as_i64().unwrap().to_string();
+    let shown = cli.ok(&["report", "show", &id]).await;
+    assert!(
+        shown.contains("Energy:       897 Wh") && shown.contains("draft"),
+        "{shown}"
+    );
+    let frozen = cli.ok(&["report", "freeze", &id]).await;
+    assert!(frozen.contains("verified"), "{frozen}");
+    let out = dir.path().join("report.csv");
+    cli.ok(&["report", "export", &id, "--out", out.to_str().unwrap()])
+        .await;
+    let csv = std::fs::read_to_string(&out).unwrap();
+    assert!(
+        csv.contains("frozen; sha256") && csv.contains(",897,"),
+        "{csv}"
+    );
+    let err = cli.fails(&["report", "freeze", &id]).await;
+    assert!(err.contains("frozen already"), "{err}");
+    let since = cli
+        .json(&[
+            "report",
+            "create",
+            "--scope",
+            "customer",
+            "--subject",
+            "Kristina",
+            "--since-start",
+        ])
+        .await;
+    assert_eq!(since["content"]["energy_wh"], 897);
+    let list = cli.ok(&["report", "list"]).await;
+    assert!(list.contains("site") && list.contains("customer"), "{list}");
+    hub.stop().await.unwrap();
+}

@@ -11,6 +11,7 @@
 //! - [`tar_gz`], [`zip()`]: building release archives in memory.
 
 mod archives;
+pub mod device;
 mod proxy;
 
 use std::future::Future;

@@ -1,5 +1,6 @@
 //! One module per command group.
 
+pub mod data;
 pub mod device;
 pub mod fleet;
 pub mod hub;
