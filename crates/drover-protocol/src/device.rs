@@ -235,7 +235,8 @@ pub struct TelemetryStatus {
     /// Readings waiting in the spool.
     #[serde(default)]
     pub spooled: u64,
-    /// Readings the spool dropped because it was full, since the device was set up.
+    /// Readings the spool lost since the device was set up: dropped because it was full, or
+    /// found damaged, or refused by a failing disk; never silently.
     #[serde(default)]
     pub dropped: u64,
     /// Bytes sent for telemetry this calendar month (UTC), counted by the agent.
