@@ -14,6 +14,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::duration::format_duration;
+use crate::meters::MetersConfig;
 
 /// Where the agent keeps its state unless told otherwise.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/drover-agent";
@@ -119,6 +120,9 @@ pub struct AgentConfig {
     pub app: AppConfig,
     /// The on-disk spool of meter readings.
     pub spool: SpoolConfig,
+    /// Meter sources (`[[meters.modbus]]`, `[[meters.s0]]`, ...); none by default.
+    #[serde(skip_serializing_if = "MetersConfig::is_empty")]
+    pub meters: MetersConfig,
 }
 
 impl Default for AgentConfig {
@@ -137,6 +141,7 @@ impl Default for AgentConfig {
             script: ScriptConfig::default(),
             app: AppConfig::default(),
             spool: SpoolConfig::default(),
+            meters: MetersConfig::default(),
         }
     }
 }
@@ -443,7 +448,10 @@ impl AgentConfig {
                 .map_err(|e| invalid("attributes", format!("names: {e}")))?;
         }
         self.validate_durations()?;
-        self.spool.validate()
+        self.spool.validate()?;
+        self.meters
+            .validate()
+            .map_err(|e| invalid(e.field, e.message))
     }
 
     fn validate_durations(&self) -> Result<(), ConfigError> {

@@ -23,6 +23,9 @@
 //!   app/                      the app module's root (unless configured elsewhere):
 //!     releases/<version>/       complete releases only (unpacked as .<version>.partial first)
 //!     current -> releases/<version>
+//!   meters/                   meter state that must survive a restart (crate::meters):
+//!     s0-<name>.json            an S0 input's pulse count
+//!     sim-<name>.json           a simulated meter's register anchor
 //! ```
 //!
 //! Every file here is written with [`crate::fsutil::write_atomic`], except the spool's segments,
@@ -109,6 +112,11 @@ impl StateDir {
     /// The script module's unpack area.
     pub fn work_dir(&self) -> PathBuf {
         self.root.join("work")
+    }
+
+    /// Meter state (S0 counters, simulated registers); made by the sources that need it.
+    pub fn meters_dir(&self) -> PathBuf {
+        self.root.join("meters")
     }
 }
 

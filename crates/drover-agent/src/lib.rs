@@ -18,6 +18,7 @@
 //! - [`config`], [`duration`]: the TOML config.
 //! - [`device_config`]: the hub's config for the device, in `config.json`, and `[app] reload`.
 //! - [`layout`], [`fsutil`], [`outbox`]: the state directory and crash-safe writes.
+//! - [`meters`]: meter sources (Modbus TCP, S0 pulses, commands, simulated) producing readings.
 //! - [`spool`]: meter readings on disk until the hub acknowledges them (bounded, crash-safe).
 //! - [`schedule`]: intervals, jitter, backoff.
 //! - [`crash`]: the `DROVER_AGENT_CRASH_AT` test hook.
@@ -36,6 +37,7 @@ pub mod facts;
 pub mod fsutil;
 pub mod identity;
 pub mod layout;
+pub mod meters;
 pub mod outbox;
 pub mod process;
 pub mod schedule;

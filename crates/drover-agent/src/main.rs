@@ -1,5 +1,6 @@
 //! `drover-agent`: the device daemon. Parses arguments, sets up logging, loads the config and
-//! calls [`drover_agent::run`] until SIGINT or SIGTERM.
+//! calls [`drover_agent::run`] until SIGINT or SIGTERM. `drover-agent modbus probe` dumps the
+//! registers of a Modbus device.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -23,6 +24,41 @@ enum Command {
     Run(Settings),
     /// Print the device ID, the current release and the update state, from the state directory.
     Status(Settings),
+    /// Modbus tools.
+    #[command(subcommand)]
+    Modbus(ModbusCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ModbusCommand {
+    /// Dump registers of a Modbus TCP device (hex, u16, i16, u32, u64, f32), for writing the
+    /// register map of a new meter model.
+    Probe(ProbeArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ProbeArgs {
+    /// The gateway's or meter's host name or address.
+    #[arg(long)]
+    host: String,
+    /// Its TCP port.
+    #[arg(long, default_value_t = drover_agent::meters::config::DEFAULT_MODBUS_PORT)]
+    port: u16,
+    /// The Modbus unit (slave) ID.
+    #[arg(long, default_value_t = drover_agent::meters::config::DEFAULT_MODBUS_UNIT)]
+    unit: u8,
+    /// The first register.
+    #[arg(long)]
+    start: u16,
+    /// How many registers.
+    #[arg(long, default_value_t = 1)]
+    count: u16,
+    /// Read input registers (function 4) instead of holding registers (function 3).
+    #[arg(long)]
+    input: bool,
+    /// How long connecting and each request may take, such as "3s".
+    #[arg(long, default_value = "3s", value_parser = drover_agent::duration::parse_duration)]
+    timeout: std::time::Duration,
 }
 
 /// The config file and the flags (or `DROVER_AGENT_*` variables) that override it, so that an
@@ -113,6 +149,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 result
             })
         }
+        Command::Modbus(ModbusCommand::Probe(args)) => probe(args),
         Command::Status(settings) => {
             let config = settings.config()?;
             let status = drover_agent::status(&config.state_dir).with_context(|| {
@@ -122,6 +159,35 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn probe(args: ProbeArgs) -> anyhow::Result<()> {
+    use drover_agent::meters::modbus::{link::Endpoint, maps::RegisterKind, probe};
+    let probe = probe::Probe {
+        endpoint: Endpoint {
+            host: args.host,
+            port: args.port,
+            unit: args.unit,
+            connect_timeout: args.timeout,
+            timeout: args.timeout,
+        },
+        kind: if args.input {
+            RegisterKind::Input
+        } else {
+            RegisterKind::Holding
+        },
+        start: args.start,
+        count: args.count,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let words = runtime
+        .block_on(probe::read(&probe))
+        .context("probing registers")?;
+    print!("{}", probe::format(&probe, &words));
+    Ok(())
 }
 
 /// Logs go to stderr, filtered by `RUST_LOG` (default `info`).
@@ -162,6 +228,7 @@ mod tests {
         argv.extend_from_slice(args);
         match Cli::try_parse_from(argv).unwrap().command {
             Command::Run(settings) | Command::Status(settings) => settings,
+            Command::Modbus(_) => unreachable!("the tests parse `run`"),
         }
     }
 
