@@ -434,14 +434,14 @@ mod tests {
 
     #[tokio::test]
     async fn a_failing_program_is_reported_and_a_missing_one_too() {
-        let mut source = source(
+        let mut failing = source(
             "echo 'm1 power 1'; echo oops >&2; exit 3",
             Duration::from_secs(30),
         );
-        assert_eq!(source.run_once().await.len(), 1);
-        assert!(source.errors.is_failing(&"test".to_string()));
-        let mut source = source("/nonexistent/program", Duration::from_secs(30));
-        assert!(source.run_once().await.is_empty());
-        assert!(source.errors.is_failing(&"test".to_string()));
+        assert_eq!(failing.run_once().await.len(), 1);
+        assert!(failing.errors.is_failing(&"test".to_string()));
+        let mut missing = source("/nonexistent/program", Duration::from_secs(30));
+        assert!(missing.run_once().await.is_empty());
+        assert!(missing.errors.is_failing(&"test".to_string()));
     }
 }

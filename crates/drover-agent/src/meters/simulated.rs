@@ -4,8 +4,9 @@
 //! The model:
 //! - **Sun**: the solar elevation for the configured latitude and longitude (declination by
 //!   day of year, hour angle by longitude; no equation of time), so days are long in June and
-//!   short in December and noon is the local solar noon. Clear-sky power is
-//!   `peak_power_w × (sin elevation / sin elevation at midsummer noon)^1.2`.
+//!   short in December and noon is the local solar noon. Clear-sky power follows the direct
+//!   sunlight through the air mass, `sin e × 0.7^((1 / sin e)^0.678)` for the elevation `e`
+//!   (Meinel's approximation), scaled so that it is `peak_power_w` at noon on midsummer day.
 //! - **Weather**, deterministic from `seed`: in about one 10-minute block in five a cloud
 //!   passes, dimming the power by 30 to 80 % in a smooth dip; each [`CELL_MS`] cell has ±3 %
 //!   noise.
@@ -62,7 +63,7 @@ pub struct SolarModel {
     peak_w: f64,
     latitude_rad: f64,
     longitude_deg: f64,
-    /// sin(elevation) at noon on midsummer day: clear-sky power there is `peak_w`.
+    /// [`sunlight`] at noon on midsummer day: clear-sky power there is `peak_w`.
     noon_max: f64,
     seed: u64,
 }
@@ -71,7 +72,7 @@ impl SolarModel {
     /// The model for `config`.
     pub fn new(config: &SimulatedSourceConfig) -> SolarModel {
         let latitude = config.latitude.clamp(-90.0, 90.0);
-        let noon_max = if latitude.abs() <= TILT_DEG {
+        let sin_noon = if latitude.abs() <= TILT_DEG {
             1.0
         } else {
             (latitude.abs() - TILT_DEG).to_radians().cos()
@@ -80,7 +81,8 @@ impl SolarModel {
             peak_w: f64::from(config.peak_power_w),
             latitude_rad: latitude.to_radians(),
             longitude_deg: config.longitude,
-            noon_max: noon_max.max(0.05),
+            // Near the poles the midsummer sun stays low; keep the scale finite.
+            noon_max: sunlight(sin_noon.max(0.05)),
             seed: config.seed,
         }
     }
@@ -88,12 +90,13 @@ impl SolarModel {
     /// The power in W during `cell`.
     pub fn cell_power_w(&self, cell: i64) -> f64 {
         let mid_ms = cell * CELL_MS + CELL_MS / 2;
-        let clear = (self.sin_elevation(mid_ms) / self.noon_max).clamp(0.0, 1.0);
-        if clear == 0.0 {
+        let sin_elevation = self.sin_elevation(mid_ms);
+        if sin_elevation <= 0.0 {
             return 0.0;
         }
+        let clear = (sunlight(sin_elevation) / self.noon_max).min(1.0);
         let noise = 1.0 + 0.06 * (unit(self.seed, 1, cell) - 0.5);
-        self.peak_w * clear.powf(1.2) * self.cloud(mid_ms) * noise
+        self.peak_w * clear * self.cloud(mid_ms) * noise
     }
 
     /// The voltage of phase 1 at `ts_ms` with `power_w` fed in.
@@ -126,6 +129,13 @@ impl SolarModel {
         let position = ts_ms.rem_euclid(CLOUD_BLOCK_MS) as f64 / CLOUD_BLOCK_MS as f64;
         1.0 - depth * (PI * position).sin().powi(2)
     }
+}
+
+/// The relative power of direct sunlight on a panel for the sun at elevation `e` (given as
+/// `sin e > 0`): the sun's height times what the air mass lets through.
+fn sunlight(sin_elevation: f64) -> f64 {
+    let air_mass = 1.0 / sin_elevation;
+    sin_elevation * 0.7f64.powf(air_mass.powf(0.678))
 }
 
 /// A deterministic number in [0, 1) for (seed, stream, index): splitmix64.

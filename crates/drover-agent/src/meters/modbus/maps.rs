@@ -425,7 +425,8 @@ mod tests {
         );
         let sec = RegisterMap::resolve("sec").unwrap();
         assert_eq!(sec.slot_start(2), Some(520));
-        assert_eq!(sec.slot_start(251), None, "past the 16-bit register space");
+        assert_eq!(sec.slot_start(251), Some(65_260));
+        assert_eq!(sec.slot_start(252), None, "past the 16-bit register space");
     }
 
     #[test]
