@@ -32,6 +32,7 @@ use crate::facts::{self, FactsTracker};
 use crate::fsutil::{self, FileError};
 use crate::identity::{self, Enrolment, IdentityError};
 use crate::layout::StateDir;
+use crate::meters::{self, MeterTasks, SystemClock};
 use crate::outbox::{Outbox, now_ms};
 use crate::schedule;
 use crate::update::runner::{self, RunEnd, UpdateError};
@@ -47,6 +48,49 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     config.validate().context("checking the agent config")?;
     let agent = Agent::open(config, CrashPoints::from_env())?;
     agent.run(shutdown).await
+}
+
+/// Readings waiting between the meter sources and their consumer; a full queue makes the
+/// sources wait (their next poll is delayed), it never drops readings.
+const METER_QUEUE: usize = 64;
+
+/// Starts the meter sources of `[meters]` (none unless configured), each as its own task.
+///
+/// The receiving end of their sink is handed over here: until the spool exists, readings are
+/// counted and dropped ([`discard_readings`]); the spool takes the receiver in this function.
+fn start_meters(
+    config: &AgentConfig,
+    paths: &StateDir,
+    shutdown: &CancellationToken,
+) -> MeterTasks {
+    if config.meters.is_empty() {
+        return MeterTasks::default();
+    }
+    let (sink, readings) = tokio::sync::mpsc::channel(METER_QUEUE);
+    tokio::spawn(discard_readings(readings));
+    meters::start(
+        &config.meters,
+        paths.root(),
+        Arc::new(SystemClock::new()),
+        sink,
+        shutdown.child_token(),
+    )
+}
+
+/// Counts and drops readings, for as long as no spool takes them. Ends when every source has
+/// stopped.
+async fn discard_readings(
+    mut readings: tokio::sync::mpsc::Receiver<Vec<drover_protocol::reading::Reading>>,
+) {
+    let mut total: u64 = 0;
+    while let Some(batch) = readings.recv().await {
+        total = total.saturating_add(batch.len() as u64);
+        tracing::trace!(
+            readings = batch.len(),
+            total,
+            "readings dropped: no spool yet"
+        );
+    }
 }
 
 /// What woke the main loop.
@@ -169,12 +213,15 @@ impl Agent {
             .context("reconciling the app's current symlink with state.json")?;
         self.settle_after_restart()
             .context("tidying the state directory")?;
+        let meters = start_meters(&self.config, &self.paths, &shutdown);
         // An update interrupted by a crash is finished (or rolled back) at once, hub or not.
         self.maybe_start_update(&shutdown);
         loop {
             match self.next_event(&shutdown).await {
                 Event::Shutdown => {
                     self.stop_task().await;
+                    // The sources save their state (S0 counts) as they stop.
+                    meters.join().await;
                     tracing::info!("drover-agent stopped");
                     return Ok(());
                 }
@@ -736,5 +783,32 @@ impl Agent {
                 module: Module::App,
             });
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::meters::config::SimulatedSourceConfig;
+
+    #[tokio::test]
+    async fn configured_meters_run_with_the_agent_and_stop_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = StateDir::new(dir.path());
+        let shutdown = CancellationToken::new();
+        assert!(start_meters(&AgentConfig::default(), &paths, &shutdown).is_empty());
+        let mut config = AgentConfig::default();
+        config.meters.simulated.push(SimulatedSourceConfig {
+            name: "roof".into(),
+            interval: Duration::from_millis(100),
+            ..SimulatedSourceConfig::default()
+        });
+        let meters = start_meters(&config, &paths, &shutdown);
+        assert_eq!(meters.len(), 1);
+        // The simulated meter saves its register after its first poll.
+        let anchor = paths.meters_dir().join("sim-roof.json");
+        crate::testutil::wait_until("the simulated meter to run", || anchor.exists()).await;
+        shutdown.cancel();
+        meters.join().await;
     }
 }

@@ -397,10 +397,6 @@ impl S0SourceConfig {
             let rounded = scaled.round();
             if (scaled - rounded).abs() < 1e-6 {
                 // At most 1e9, so the cast is exact.
-                #[allow(
-                    clippy::cast_possible_truncation,
-                    reason = "at most 1e9, checked above"
-                )]
                 return Ok((rounded as i64, -decimals));
             }
         }

@@ -208,13 +208,11 @@ impl SimulatedMeter {
             clock,
         };
         // All three are far inside i64: at most a 100 MW peak, registers of at most ~10^13 Wh.
-        #[allow(clippy::cast_possible_truncation, reason = "bounded values, see above")]
-        let readings = vec![
+        vec![
             reading(Channel::EnergyImport, energy_wh.floor() as i64, 0),
             reading(Channel::Power, power_w.round() as i64, 0),
             reading(Channel::VoltageL1, (voltage_v * 10.0).round() as i64, -1),
-        ];
-        readings
+        ]
     }
 }
 
