@@ -11,8 +11,9 @@
 //!
 //! - `meter`: the meter ID (1 to 64 letters, digits, `-`, `_`, `.`, `:`), such as
 //!   `inverter-7A1234`; use the meter's own serial number where it has one.
-//! - `channel`: a channel name: `energy_import`, `energy_export`, `power`, `voltage_l1` ..
-//!   `voltage_l3`, `current_l1` .. `current_l3`, `frequency`, `pulses`.
+//! - `channel`: a channel name ([`Channel::name`]): `energy_import`, `energy_export`, `power`,
+//!   `voltage_l1` .. `voltage_l3`, `current_l1` .. `current_l3`, `frequency`, `pulses`,
+//!   `energy_interval`.
 //! - `value`: an integer; the reading is `value × 10^scale` in the channel's unit (Wh, W, V,
 //!   A, Hz).
 //! - `scale`: optional, -3 to 3, default 0. `power 12345 -1` is 1234.5 W.
