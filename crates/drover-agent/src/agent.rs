@@ -18,7 +18,7 @@ use drover_protocol::device::{
 };
 use drover_protocol::signing::ReleaseSigningKey;
 use reqwest::StatusCode;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 use tokio::task::{JoinError, JoinHandle};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -35,6 +35,8 @@ use crate::layout::StateDir;
 use crate::meters::{self, MeterTasks, SystemClock};
 use crate::outbox::{Outbox, now_ms};
 use crate::schedule;
+use crate::sender::{Enrolled, Sender, Telemetry};
+use crate::spool::{self, Spool};
 use crate::update::runner::{self, RunEnd, UpdateError};
 use crate::update::state::{Installed, StateStore};
 use crate::update::{self, Plan};
@@ -50,46 +52,100 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     agent.run(shutdown).await
 }
 
-/// Readings waiting between the meter sources and their consumer; a full queue makes the
-/// sources wait (their next poll is delayed), it never drops readings.
+/// Readings waiting between the meter sources and the spool; a full queue makes the sources
+/// wait (their next poll is delayed), it never drops readings.
 const METER_QUEUE: usize = 64;
 
-/// Starts the meter sources of `[meters]` (none unless configured), each as its own task.
+/// The telemetry path while it runs: meter sources -> spool -> sender -> hub.
+#[derive(Default)]
+struct TelemetryTasks {
+    meters: MeterTasks,
+    spool: Option<JoinHandle<Result<(), spool::SpoolError>>>,
+    sender: Option<JoinHandle<Result<(), crate::sender::SenderError>>>,
+    /// For check-ins: the spool's and the sender's figures.
+    telemetry: Option<Telemetry>,
+}
+
+impl TelemetryTasks {
+    /// Stops in order: the meters first (they hand over their last readings and save their
+    /// state), then the spool (it appends what is queued and syncs), then the sender (already
+    /// told to stop by `shutdown`; a batch cut short goes again after the next start).
+    async fn join(self) {
+        self.meters.join().await;
+        if let Some(spool) = self.spool {
+            match spool.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!(error = %e, "the spool stopped with an error"),
+                Err(e) => tracing::error!(error = %e, "the spool task crashed"),
+            }
+        }
+        if let Some(sender) = self.sender {
+            match sender.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!(error = %e, "the sender stopped with an error"),
+                Err(e) => tracing::error!(error = %e, "the sender task crashed"),
+            }
+        }
+    }
+}
+
+/// Starts the telemetry path when meters are configured, or when the spool still holds
+/// readings from an earlier configuration (they are sent all the same).
 ///
-/// The receiving end of their sink is handed over here: until the spool exists, readings are
-/// counted and dropped ([`discard_readings`]); the spool takes the receiver in this function.
-fn start_meters(
+/// Telemetry never stops the agent: if the spool cannot be opened, the error is logged and the
+/// agent goes on with updates, without meters (a box that can still be updated can be fixed).
+fn start_telemetry(
     config: &AgentConfig,
     paths: &StateDir,
+    client: &HubClient,
+    enrolled: watch::Receiver<Option<Enrolled>>,
     shutdown: &CancellationToken,
-) -> MeterTasks {
-    if config.meters.is_empty() {
-        return MeterTasks::default();
+) -> TelemetryTasks {
+    if config.meters.is_empty() && !paths.spool_dir().exists() {
+        return TelemetryTasks::default();
     }
+    let spool = match Spool::open(&paths.spool_dir(), &config.spool) {
+        Ok(spool) => Arc::new(Mutex::new(spool)),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot open the spool; meters are not started and no readings are sent");
+            return TelemetryTasks::default();
+        }
+    };
+    let sender = Sender::new(
+        Arc::clone(&spool),
+        client.clone(),
+        enrolled,
+        config.telemetry.clone(),
+        paths.telemetry_json(),
+    );
+    let (sender, telemetry) = match sender {
+        Ok(parts) => parts,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the sender; meters are not started and no readings are sent");
+            return TelemetryTasks::default();
+        }
+    };
     let (sink, readings) = tokio::sync::mpsc::channel(METER_QUEUE);
-    tokio::spawn(discard_readings(readings));
-    meters::start(
+    // Not stopped by `shutdown`: the spool task ends when the last meter source has stopped
+    // and dropped its sink, so the readings of their last polls are stored too.
+    let spool_task = tokio::spawn(spool::task::run(
+        Arc::clone(&spool),
+        readings,
+        CancellationToken::new(),
+    ));
+    let sender_task = tokio::spawn(sender.run(shutdown.child_token()));
+    let meters = meters::start(
         &config.meters,
         paths.root(),
         Arc::new(SystemClock::new()),
         sink,
         shutdown.child_token(),
-    )
-}
-
-/// Counts and drops readings, for as long as no spool takes them. Ends when every source has
-/// stopped.
-async fn discard_readings(
-    mut readings: tokio::sync::mpsc::Receiver<Vec<drover_protocol::reading::Reading>>,
-) {
-    let mut total: u64 = 0;
-    while let Some(batch) = readings.recv().await {
-        total = total.saturating_add(batch.len() as u64);
-        tracing::trace!(
-            readings = batch.len(),
-            total,
-            "readings dropped: no spool yet"
-        );
+    );
+    TelemetryTasks {
+        meters,
+        spool: Some(spool_task),
+        sender: Some(sender_task),
+        telemetry: Some(telemetry),
     }
 }
 
@@ -158,6 +214,11 @@ struct Agent {
     facts: FactsTracker,
     release_key_refreshed: bool,
     pending_logged: bool,
+    /// Who the device is, for the sender: set after a successful check-in, cleared while the
+    /// device is pending, revoked or its credential refused.
+    enrolled: watch::Sender<Option<Enrolled>>,
+    /// The telemetry path's figures, reported in check-ins.
+    telemetry: Option<Telemetry>,
 }
 
 impl Agent {
@@ -200,6 +261,8 @@ impl Agent {
             facts: FactsTracker::default(),
             release_key_refreshed: false,
             pending_logged: false,
+            enrolled: watch::Sender::new(None),
+            telemetry: None,
         })
     }
 
@@ -213,7 +276,14 @@ impl Agent {
             .context("reconciling the app's current symlink with state.json")?;
         self.settle_after_restart()
             .context("tidying the state directory")?;
-        let meters = start_meters(&self.config, &self.paths, &shutdown);
+        let telemetry = start_telemetry(
+            &self.config,
+            &self.paths,
+            &self.client,
+            self.enrolled.subscribe(),
+            &shutdown,
+        );
+        self.telemetry = telemetry.telemetry.clone();
         // An update interrupted by a crash is finished (or rolled back) at once, hub or not.
         self.maybe_start_update(&shutdown);
         loop {
@@ -221,7 +291,7 @@ impl Agent {
                 Event::Shutdown => {
                     self.stop_task().await;
                     // The sources save their state (S0 counts) as they stop.
-                    meters.join().await;
+                    telemetry.join().await;
                     tracing::info!("drover-agent stopped");
                     return Ok(());
                 }
@@ -346,7 +416,7 @@ impl Agent {
                 agent_version: crate::AGENT_VERSION.to_string(),
                 update: store.get().status(now_ms()),
                 facts: send_facts.then(|| facts.clone()),
-                telemetry: None,
+                telemetry: self.telemetry.as_ref().map(Telemetry::status),
             }
         };
         let answer = self.client.checkin(&enrolment.credential, &request).await;
@@ -357,6 +427,7 @@ impl Agent {
         if send_facts {
             self.facts.sent(facts, Instant::now().into_std());
         }
+        self.publish_enrolment(Some(&enrolment));
         if let Some(desired) = answer {
             self.apply_desired(desired)?;
             self.refresh_release_key_if_needed().await;
@@ -366,8 +437,31 @@ impl Agent {
         Ok(())
     }
 
+    /// Tells the sender who the device is (or that it may not send now).
+    fn publish_enrolment(&self, enrolment: Option<&Enrolment>) {
+        let enrolled = enrolment.map(|e| Enrolled {
+            device: e.device.device_id.clone(),
+            credential: e.credential.clone(),
+        });
+        self.enrolled.send_if_modified(|current| {
+            let changed = *current != enrolled;
+            *current = enrolled;
+            changed
+        });
+    }
+
     /// Turns a refused check-in into what the loop should do.
     fn classify_refusal(&mut self, e: HubError) -> Result<PollError, PollError> {
+        let result = self.classify(e);
+        if matches!(result, Ok(PollError::Pending | PollError::Revoked) | Err(_))
+            || self.enrolment.is_none()
+        {
+            self.publish_enrolment(None);
+        }
+        result
+    }
+
+    fn classify(&mut self, e: HubError) -> Result<PollError, PollError> {
         match (e.status(), e.code()) {
             (Some(StatusCode::UNAUTHORIZED), _) => {
                 // The hub does not know this credential (a restored hub, a rotated credential).
@@ -792,23 +886,34 @@ mod tests {
     use crate::meters::config::SimulatedSourceConfig;
 
     #[tokio::test]
-    async fn configured_meters_run_with_the_agent_and_stop_with_it() {
+    async fn configured_meters_fill_the_spool_and_stop_with_the_agent() {
         let dir = tempfile::tempdir().unwrap();
         let paths = StateDir::new(dir.path());
         let shutdown = CancellationToken::new();
-        assert!(start_meters(&AgentConfig::default(), &paths, &shutdown).is_empty());
-        let mut config = AgentConfig::default();
+        let mut config = AgentConfig {
+            hub_url: "http://127.0.0.1:9".into(),
+            ..AgentConfig::default()
+        };
+        let client = HubClient::new(&config).unwrap();
+        let (_enrolled, watch) = watch::channel(None);
+        let none = start_telemetry(&config, &paths, &client, watch.clone(), &shutdown);
+        assert!(none.telemetry.is_none() && none.meters.is_empty());
+
         config.meters.simulated.push(SimulatedSourceConfig {
             name: "roof".into(),
             interval: Duration::from_millis(100),
             ..SimulatedSourceConfig::default()
         });
-        let meters = start_meters(&config, &paths, &shutdown);
-        assert_eq!(meters.len(), 1);
-        // The simulated meter saves its register after its first poll.
-        let anchor = paths.meters_dir().join("sim-roof.json");
-        crate::testutil::wait_until("the simulated meter to run", || anchor.exists()).await;
+        let tasks = start_telemetry(&config, &paths, &client, watch, &shutdown);
+        assert_eq!(tasks.meters.len(), 1);
+        let telemetry = tasks.telemetry.clone().unwrap();
+        // Not enrolled: nothing is sent, so the readings wait in the spool.
+        crate::testutil::wait_until("readings in the spool", || telemetry.status().spooled >= 6)
+            .await;
         shutdown.cancel();
-        meters.join().await;
+        tasks.join().await;
+        let status = telemetry.status();
+        assert_eq!(status.dropped, 0);
+        assert_eq!(status.batch_interval_s, 60);
     }
 }

@@ -48,6 +48,8 @@ pub enum HubError {
         code: String,
         /// The message from the body.
         message: String,
+        /// The wait the hub asked for (`Retry-After` in seconds), with `503` and `429`.
+        retry_after: Option<Duration>,
     },
     /// The hub's answer could not be understood.
     #[error("the hub's answer to {what} is not valid: {message}")]
@@ -72,6 +74,14 @@ impl HubError {
     pub fn code(&self) -> Option<&str> {
         match self {
             HubError::Refused { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+
+    /// How long the hub asked the device to wait before trying again, if it did.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            HubError::Refused { retry_after, .. } => *retry_after,
             _ => None,
         }
     }
@@ -174,6 +184,30 @@ impl HubClient {
         json(response, what).await
     }
 
+    /// `POST /device/v1/batches`: one encoded telemetry batch. `Ok` means the hub has stored
+    /// it durably (or had stored it before: the sequence number is deduplicated).
+    pub async fn batch(&self, credential: &str, frame: Vec<u8>) -> Result<(), HubError> {
+        let what = "telemetry batch";
+        let response = self
+            .http
+            .post(self.url("/device/v1/batches"))
+            .timeout(CALL_TIMEOUT)
+            .bearer_auth(credential)
+            .header(
+                reqwest::header::CONTENT_TYPE,
+                drover_protocol::batch::CONTENT_TYPE,
+            )
+            .body(frame)
+            .send()
+            .await
+            .map_err(|source| HubError::Network { what, source })?;
+        if response.status().is_success() {
+            Ok(())
+        } else {
+            Err(refusal(response, what).await)
+        }
+    }
+
     /// `GET` an artifact, from `offset` on when resuming (with `If-Range`, so that a changed
     /// artifact comes back whole). The status is the caller's to check.
     pub async fn artifact(
@@ -242,6 +276,12 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
 /// is one.
 pub async fn refusal(response: reqwest::Response, what: &'static str) -> HubError {
     let status = response.status();
+    let retry_after = response
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs);
     let text = response.text().await.unwrap_or_default();
     let (code, message) = match serde_json::from_str::<ErrorBody>(&text) {
         Ok(body) => (body.error, body.message),
@@ -258,6 +298,7 @@ pub async fn refusal(response: reqwest::Response, what: &'static str) -> HubErro
         status,
         code,
         message,
+        retry_after,
     }
 }
 
@@ -372,6 +413,7 @@ mod tests {
             status: StatusCode::from_u16(status).unwrap(),
             code: "-".into(),
             message: String::new(),
+            retry_after: None,
         };
         assert!(refused(503).is_transient());
         assert!(refused(429).is_transient());

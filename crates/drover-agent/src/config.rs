@@ -62,6 +62,17 @@ pub const SPOOL_SEGMENT_BYTES_RANGE: (u64, u64) = (4096, 64 * 1024 * 1024);
 /// The longest sync interval accepted: a power cut loses at most this much of the readings.
 pub const SPOOL_MAX_SYNC_INTERVAL: Duration = Duration::from_secs(60);
 
+/// How often readings go to the hub unless a data budget widens it.
+pub const DEFAULT_BATCH_INTERVAL: Duration = Duration::from_secs(60);
+/// The widest a data budget may make the batch interval.
+pub const DEFAULT_MAX_BATCH_INTERVAL: Duration = Duration::from_secs(6 * 3600);
+/// The most readings one batch carries (a 2-second meter with three channels makes 5,400 an
+/// hour; a backlog goes out in batches of this size, back to back).
+pub const DEFAULT_MAX_BATCH_READINGS: usize = 20_000;
+/// The range the batch interval must lie in.
+pub const BATCH_INTERVAL_RANGE: (Duration, Duration) =
+    (Duration::from_millis(100), Duration::from_secs(24 * 3600));
+
 /// A value that must not appear in logs. `Debug` prints `***`.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(transparent)]
@@ -120,6 +131,8 @@ pub struct AgentConfig {
     pub app: AppConfig,
     /// The on-disk spool of meter readings.
     pub spool: SpoolConfig,
+    /// How readings go from the spool to the hub.
+    pub telemetry: TelemetryConfig,
     /// Meter sources (`[[meters.modbus]]`, `[[meters.s0]]`, ...); none by default.
     #[serde(skip_serializing_if = "MetersConfig::is_empty")]
     pub meters: MetersConfig,
@@ -141,6 +154,7 @@ impl Default for AgentConfig {
             script: ScriptConfig::default(),
             app: AppConfig::default(),
             spool: SpoolConfig::default(),
+            telemetry: TelemetryConfig::default(),
             meters: MetersConfig::default(),
         }
     }
@@ -346,6 +360,80 @@ impl SpoolConfig {
     }
 }
 
+/// `[telemetry]`: how readings go from the spool to the hub ([`crate::sender`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// How often a batch goes out when no budget is pressing (a backlog goes at once).
+    #[serde(with = "crate::duration::text")]
+    pub batch_interval: Duration,
+    /// The widest the interval may become to stay inside `monthly_budget_bytes`.
+    #[serde(with = "crate::duration::text")]
+    pub max_batch_interval: Duration,
+    /// The bytes telemetry may use per calendar month (UTC), all-in as the agent estimates
+    /// them; none when absent. The agent widens its batch interval to stay inside it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub monthly_budget_bytes: Option<u64>,
+    /// The most readings in one batch.
+    pub max_batch_readings: usize,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> TelemetryConfig {
+        TelemetryConfig {
+            batch_interval: DEFAULT_BATCH_INTERVAL,
+            max_batch_interval: DEFAULT_MAX_BATCH_INTERVAL,
+            monthly_budget_bytes: None,
+            max_batch_readings: DEFAULT_MAX_BATCH_READINGS,
+        }
+    }
+}
+
+impl TelemetryConfig {
+    /// Checks the values; [`AgentConfig::validate`] calls it.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid =
+            |field: &'static str, message: String| ConfigError::Invalid { field, message };
+        let (min, max) = BATCH_INTERVAL_RANGE;
+        for (field, value) in [
+            ("telemetry.batch_interval", self.batch_interval),
+            ("telemetry.max_batch_interval", self.max_batch_interval),
+        ] {
+            if !(min..=max).contains(&value) {
+                return Err(invalid(
+                    field,
+                    format!(
+                        "must be {} to {} (got {})",
+                        format_duration(min),
+                        format_duration(max),
+                        format_duration(value)
+                    ),
+                ));
+            }
+        }
+        if self.max_batch_interval < self.batch_interval {
+            return Err(invalid(
+                "telemetry.max_batch_interval",
+                "must be at least telemetry.batch_interval".into(),
+            ));
+        }
+        let most = drover_protocol::batch::MAX_READINGS;
+        if !(1..=most).contains(&self.max_batch_readings) {
+            return Err(invalid(
+                "telemetry.max_batch_readings",
+                format!("must be 1 to {most} (got {})", self.max_batch_readings),
+            ));
+        }
+        if self.monthly_budget_bytes == Some(0) {
+            return Err(invalid(
+                "telemetry.monthly_budget_bytes",
+                "must be more than 0; leave it out for no budget".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Why a config was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -449,6 +537,7 @@ impl AgentConfig {
         }
         self.validate_durations()?;
         self.spool.validate()?;
+        self.telemetry.validate()?;
         self.meters
             .validate()
             .map_err(|e| invalid(e.field, e.message))

@@ -15,6 +15,8 @@
 //!   spool/                    meter readings not yet acknowledged by the hub (crate::spool):
 //!     <first record ID, 20 digits>.seg  append-only segment files of checksummed records
 //!     state.json                the acknowledged cursor and the count of dropped readings
+//!   telemetry.json            the sender's state (crate::sender): next batch sequence number,
+//!                             the batch in flight, bytes used this month
 //!   downloads/
 //!     <sha256>.part             a download in progress (resumed with Range)
 //!     <sha256>                  a download whose size, hash and signature were verified
@@ -102,6 +104,12 @@ impl StateDir {
     /// The spool of meter readings.
     pub fn spool_dir(&self) -> PathBuf {
         self.root.join("spool")
+    }
+
+    /// The sender's state: the next batch sequence number, the batch in flight, the month's
+    /// bytes (crate::sender).
+    pub fn telemetry_json(&self) -> PathBuf {
+        self.root.join("telemetry.json")
     }
 
     /// Downloads, partial and verified.

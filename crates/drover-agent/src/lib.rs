@@ -20,6 +20,7 @@
 //! - [`layout`], [`fsutil`], [`outbox`]: the state directory and crash-safe writes.
 //! - [`meters`]: meter sources (Modbus TCP, S0 pulses, commands, simulated) producing readings.
 //! - [`spool`]: meter readings on disk until the hub acknowledges them (bounded, crash-safe).
+//! - [`sender`]: batches from the spool to the hub, exactly once; the monthly data budget.
 //! - [`schedule`]: intervals, jitter, backoff.
 //! - [`crash`]: the `DROVER_AGENT_CRASH_AT` test hook.
 //! - [`mod@status`]: `drover-agent status`.
@@ -42,6 +43,7 @@ pub mod outbox;
 pub mod process;
 pub mod schedule;
 pub mod script;
+pub mod sender;
 pub mod spool;
 pub mod status;
 pub mod update;

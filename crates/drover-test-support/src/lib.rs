@@ -140,6 +140,7 @@ pub struct TestHub {
     pub data_dir: PathBuf,
     /// Cancel to stop it.
     pub shutdown: CancellationToken,
+    config: HubConfig,
     _dir: tempfile::TempDir,
     _db: Option<TestDatabase>,
 }
@@ -173,7 +174,7 @@ impl TestHub {
         adjust(&mut config);
         let data_dir = config.data_dir.clone();
         let shutdown = CancellationToken::new();
-        let hub = drover_hub::start(config, shutdown.clone()).await?;
+        let hub = drover_hub::start(config.clone(), shutdown.clone()).await?;
         let token = hub
             .admin_token
             .clone()
@@ -184,9 +185,31 @@ impl TestHub {
             token,
             data_dir,
             shutdown,
+            config,
             _dir: dir,
             _db: db,
         }))
+    }
+
+    /// Stops the hub (gracefully: what it acknowledged is stored) and starts it again on the
+    /// same address, data directory and database, as an operator restarting it would.
+    pub async fn restart(self) -> anyhow::Result<TestHub> {
+        let mut config = self.config.clone();
+        config.listen = self.hub.addr;
+        self.shutdown.cancel();
+        self.hub.wait().await?;
+        let shutdown = CancellationToken::new();
+        let hub = drover_hub::start(config.clone(), shutdown.clone()).await?;
+        Ok(TestHub {
+            url: hub.url.clone(),
+            hub,
+            token: self.token,
+            data_dir: self.data_dir,
+            shutdown,
+            config,
+            _dir: self._dir,
+            _db: self._db,
+        })
     }
 
     /// A management API client with the admin token (trusting the hub's own CA when it made

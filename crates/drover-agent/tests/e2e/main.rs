@@ -12,7 +12,9 @@
 //!   held releases and operator retries;
 //! - [`download`]: cut and resumed downloads, error answers, the downloader against the hub;
 //! - [`offline`]: reports made offline, kept across a restart, delivered later in order;
-//! - [`crash_recovery`]: the binary killed at every step of an update, ending consistent.
+//! - [`crash_recovery`]: the binary killed at every step of an update, ending consistent;
+//! - [`telemetry`]: meters to the hub's store: simulated and Modbus meters, exactly once across
+//!   kills, a hub restart and lost acknowledgements, a full spool, the monthly budget.
 
 #![allow(clippy::unwrap_used, reason = "a panic is how a test fails")]
 
@@ -48,3 +50,8 @@ mod enrolment;
 mod failures;
 mod install;
 mod offline;
+mod telemetry;
+
+#[allow(dead_code, reason = "shared with the meter tests, which use all of it")]
+#[path = "../meters/gateway.rs"]
+mod gateway;

@@ -1,0 +1,363 @@
+//! Telemetry end to end: meter sources on the agent, the spool, the sender, the hub's bridge,
+//! queue and store, read back through the management API.
+//!
+//! The exactly-once tests use a counting meter: a command source whose every run prints the
+//! next number of a counter kept in a file, so every reading the agent takes is unique and
+//! their values tell what is missing or doubled. After the agent and the hub have been killed,
+//! restarted and cut off, the hub must hold every reading the spool ever took in exactly once:
+//! as many points as the spool's count of appended readings, all different, in order.
+
+use std::time::Duration;
+
+use drover_agent::config::{SpoolConfig, TelemetryConfig};
+use drover_agent::meters::config::{CommandSourceConfig, ModbusSourceConfig};
+use drover_agent::spool::Spool;
+use drover_test_support::{CuttingProxy, Engine, wait_until};
+use serde_json::Value;
+
+use crate::common::{Device, Fleet, PATIENCE};
+use crate::gateway::{Gateway, MODELS};
+
+both_engines!(simulated_meters_reach_the_hub_and_the_device_reports_its_telemetry);
+
+/// Sends every 200 ms and syncs the spool every 20 ms, so that tests move quickly.
+fn quick(device: &mut Device) {
+    device.config.telemetry = TelemetryConfig {
+        batch_interval: Duration::from_millis(200),
+        ..TelemetryConfig::default()
+    };
+    device.config.spool = SpoolConfig {
+        sync_interval: Duration::from_millis(20),
+        ..SpoolConfig::default()
+    };
+}
+
+/// Adds the counting meters `counter-0` .. `counter-<meters - 1>` (channel `energy_import`),
+/// read every `every`: each run prints the counter's next value for each of them.
+fn counting_meter(device: &mut Device, every: Duration, meters: usize) {
+    let file = device.path("counter");
+    let command = format!(
+        "n=$(cat {f} 2>/dev/null || echo 0); n=$((n+1)); echo $n > {f}.tmp && mv {f}.tmp {f} && for i in $(seq 0 {last}); do echo \"counter-$i energy_import $n\"; done",
+        f = file.display(),
+        last = meters - 1,
+    );
+    device.config.meters.command.push(CommandSourceConfig {
+        name: "counter".into(),
+        command,
+        interval: every,
+        ..CommandSourceConfig::default()
+    });
+}
+
+/// The series of a device, from `GET /api/v1/series?device=`.
+async fn series_of(fleet: &Fleet, device: &str) -> Vec<Value> {
+    let (status, body) = fleet
+        .api
+        .get(&format!("/api/v1/series?device={device}"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    body.as_array().unwrap().clone()
+}
+
+/// Every raw point of the device's `meter`/`channel` series: `(time, value)`.
+async fn points(fleet: &Fleet, device: &str, meter: &str, channel: &str) -> Vec<(i64, f64)> {
+    let series = series_of(fleet, device).await;
+    let Some(series) = series
+        .iter()
+        .find(|s| s["meter"] == meter && s["channel"] == channel)
+    else {
+        return Vec::new();
+    };
+    let (status, body) = fleet
+        .api
+        .get(&format!(
+            "/api/v1/series/{}/data?from=0&to=99999999999999",
+            series["id"]
+        ))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    body["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p[0].as_i64().unwrap(), p[1].as_f64().unwrap()))
+        .collect()
+}
+
+/// Waits until a check-in from the agent started last reports an empty spool.
+async fn drained(fleet: &Fleet, id: &str) {
+    fleet.wait_checkins(id, 2).await;
+    fleet
+        .wait_device(id, "the spool to drain", |d| d["telemetry"]["spooled"] == 0)
+        .await;
+}
+
+/// Checks the counting meter's points: all different, rising with time, and as many as the
+/// spool took in. Returns how many there are.
+async fn assert_each_reading_stored_once(fleet: &Fleet, device: &Device, id: &str) -> usize {
+    let spool = Spool::open(&device.config.state_dir.join("spool"), &device.config.spool).unwrap();
+    let appended = spool.appended_total();
+    assert_eq!(spool.pending_readings(), 0, "the spool is not empty");
+    assert_eq!(spool.dropped_total(), 0);
+    drop(spool);
+    let points = points(fleet, id, "counter-0", "energy_import").await;
+    let values: Vec<i64> = points.iter().map(|p| p.1 as i64).collect();
+    let mut sorted = values.clone();
+    sorted.dedup();
+    assert_eq!(sorted, values, "values not unique and rising with time");
+    assert_eq!(
+        points.len() as u64,
+        appended,
+        "the hub holds {} points, the spool took {appended}",
+        points.len()
+    );
+    let checksum: i64 = values.iter().sum();
+    let max = values.last().copied().unwrap_or(0);
+    // Readings are missing only where a kill came between a run of the command and the spool.
+    assert!(
+        checksum <= max * (max + 1) / 2,
+        "checksum {checksum} too high for values up to {max}"
+    );
+    points.len()
+}
+
+async fn simulated_meters_reach_the_hub_and_the_device_reports_its_telemetry(engine: Engine) {
+    let Some(fleet) = Fleet::start(engine).await else {
+        return;
+    };
+    let mut device = Device::new(&fleet);
+    quick(&mut device);
+    device
+        .config
+        .meters
+        .simulated
+        .push(drover_agent::meters::config::SimulatedSourceConfig {
+            name: "roof".into(),
+            interval: Duration::from_millis(100),
+            ..Default::default()
+        });
+    let agent = device.start();
+    let id = device.wait_enrolled().await;
+    let series = wait_until(PATIENCE, "the simulated meter's series", || async {
+        let series = series_of(&fleet, &id).await;
+        (series.len() >= 3).then_some(series)
+    })
+    .await;
+    let meter = series[0]["meter"].as_str().unwrap().to_string();
+    assert!(series.iter().all(|s| s["meter"] == meter), "{series:?}");
+    let channels: Vec<&str> = series
+        .iter()
+        .map(|s| s["channel"].as_str().unwrap())
+        .collect();
+    assert!(channels.contains(&"energy_import"), "{channels:?}");
+    assert!(channels.contains(&"power"), "{channels:?}");
+    // More batches arrive while the agent runs.
+    wait_until(PATIENCE, "points from several batches", || async {
+        (points(&fleet, &id, &meter, "power").await.len() >= 20).then_some(())
+    })
+    .await;
+    // The check-ins report the spool and the bytes sent this month.
+    let shown = fleet
+        .wait_device(&id, "telemetry status in a check-in", |d| {
+            d["telemetry"]["month_bytes"].as_u64().unwrap_or(0) > 0
+        })
+        .await;
+    assert_eq!(shown["telemetry"]["dropped"], 0, "{shown}");
+    assert_eq!(shown["telemetry"]["batch_interval_s"], 1, "{shown}");
+    agent.stop().await;
+}
+
+/// Meters on a real Modbus TCP gateway: discovered, read, and stored under their serial numbers.
+#[tokio::test]
+async fn modbus_meters_on_a_gateway_reach_the_hub_under_their_serial_numbers() {
+    let fleet = Fleet::sqlite().await;
+    let gateway = Gateway::start().await;
+    let eastron = MODELS[2];
+    gateway.meter(eastron, 0, 41_000_001, 1_234_567);
+    gateway.meter(eastron, 1, 41_000_002, 7_654_321);
+    let mut device = Device::new(&fleet);
+    quick(&mut device);
+    device.config.meters.modbus.push(ModbusSourceConfig {
+        name: "gateway".into(),
+        host: "127.0.0.1".into(),
+        port: gateway.port(),
+        map: eastron.map.into(),
+        interval: Duration::from_millis(100),
+        ..ModbusSourceConfig::default()
+    });
+    let agent = device.start();
+    let id = device.wait_enrolled().await;
+    for (serial, register) in [("41000001", 1_234_567.0), ("41000002", 7_654_321.0)] {
+        let meter = format!("modbus-{serial}");
+        let stored = wait_until(PATIENCE, "the meter's energy readings", || async {
+            let points = points(&fleet, &id, &meter, "energy_import").await;
+            (!points.is_empty()).then_some(points)
+        })
+        .await;
+        // The Eastron map reads the register in 0.1 kWh steps: ×10 into Wh.
+        let expected = register * eastron.factor as f64;
+        assert_eq!(stored[0].1, expected, "{meter}: {stored:?}");
+    }
+    agent.stop().await;
+}
+
+/// The agent binary killed again and again while it reads, spools and sends; the hub restarted
+/// during ingest; acknowledgements lost on the way back. Every reading is stored exactly once.
+#[tokio::test]
+async fn kills_restarts_and_lost_acknowledgements_store_every_reading_exactly_once() {
+    let fleet = Fleet::sqlite().await;
+    // The first two batches' answers are cut after the hub stored them: the agent must send it again
+    // under the same number, and the hub must drop the copy.
+    let proxy = CuttingProxy::start(fleet.hub.hub.addr, "/device/v1/batches", 0, 2)
+        .await
+        .unwrap();
+    let mut device = Device::via(&fleet, &proxy);
+    quick(&mut device);
+    counting_meter(&mut device, Duration::from_millis(100), 1);
+    let mut agent = device.spawn(None);
+    let id = device.wait_enrolled().await;
+
+    // Kill it at points chosen by its progress: while points flow, so some kills land while a
+    // batch is on the wire and others while readings are only in the spool.
+    for round in 1..=5 {
+        let target = round * 15;
+        wait_until(PATIENCE, "more points stored", || async {
+            let n = points(&fleet, &id, "counter-0", "energy_import")
+                .await
+                .len();
+            (n >= target).then_some(())
+        })
+        .await;
+        agent.kill().await.unwrap();
+        agent = device.spawn(None);
+    }
+    assert!(proxy.cuts_done() >= 1, "no acknowledgement was lost");
+
+    // The hub restarted while the agent sends.
+    let fleet = Fleet {
+        hub: fleet.hub.restart().await.unwrap(),
+        ..fleet
+    };
+    let before = points(&fleet, &id, "counter-0", "energy_import")
+        .await
+        .len();
+    wait_until(PATIENCE, "points after the hub's restart", || async {
+        let n = points(&fleet, &id, "counter-0", "energy_import")
+            .await
+            .len();
+        (n >= before + 20).then_some(())
+    })
+    .await;
+
+    // Stop reading (the counter stays where it is), let the spool drain, then count.
+    agent.kill().await.unwrap();
+    device.config.meters.command.clear();
+    let mut agent = device.spawn(None);
+    drained(&fleet, &id).await;
+    agent.kill().await.unwrap();
+    let stored = assert_each_reading_stored_once(&fleet, &device, &id).await;
+    assert!(stored >= 95, "only {stored} points");
+}
+
+/// The counting meters of the full-spool test.
+const METERS: usize = 20;
+
+/// Every point of the counting meters `counter-0` .. `counter-<meters - 1>`, meter by meter.
+async fn all_counter_points(fleet: &Fleet, id: &str, meters: usize) -> Vec<Vec<(i64, f64)>> {
+    let mut all = Vec::new();
+    for i in 0..meters {
+        all.push(points(fleet, id, &format!("counter-{i}"), "energy_import").await);
+    }
+    all
+}
+
+/// The hub unreachable until the spool overflows: the oldest readings are dropped, and the
+/// number dropped reaches the hub; what was kept is sent once the hub is back.
+#[tokio::test]
+async fn a_full_spool_drops_the_oldest_readings_and_reports_how_many() {
+    let fleet = Fleet::sqlite().await;
+    let proxy = CuttingProxy::forward(fleet.hub.hub.addr).await.unwrap();
+    let mut device = Device::via(&fleet, &proxy);
+    quick(&mut device);
+    // Two 4 KiB segments at most: a few hundred readings, a few seconds of 20 meters.
+    device.config.spool.segment_bytes = 4096;
+    device.config.spool.max_bytes = 8192;
+    counting_meter(&mut device, Duration::from_millis(100), METERS);
+    let running = device.start();
+    let id = device.wait_enrolled().await;
+    wait_until(PATIENCE, "the first points", || async {
+        (!points(&fleet, &id, "counter-0", "energy_import")
+            .await
+            .is_empty())
+        .then_some(())
+    })
+    .await;
+    proxy.set_offline(true);
+    let spool_state = device.config.state_dir.join("spool").join("state.json");
+    wait_until(PATIENCE, "the spool to drop readings", || async {
+        let text = std::fs::read_to_string(&spool_state).unwrap_or_default();
+        let state: Value = serde_json::from_str(&text).unwrap_or_default();
+        (state["dropped_total"].as_u64().unwrap_or(0) > 0).then_some(())
+    })
+    .await;
+    proxy.set_offline(false);
+    let shown = fleet
+        .wait_device(&id, "the drop count on the hub", |d| {
+            d["telemetry"]["dropped"].as_u64().unwrap_or(0) > 0
+        })
+        .await;
+    running.stop().await;
+    // Drained without the meter, what the hub holds plus what was dropped is everything the
+    // spool took in (a batch stored just as the link went down may be counted in both).
+    device.config.meters.command.clear();
+    let running = device.start();
+    drained(&fleet, &id).await;
+    running.stop().await;
+    let spool = Spool::open(&device.config.state_dir.join("spool"), &device.config.spool).unwrap();
+    let (appended, dropped) = (spool.appended_total(), spool.dropped_total());
+    assert_eq!(spool.pending_readings(), 0);
+    drop(spool);
+    let stored = all_counter_points(&fleet, &id, METERS).await;
+    let count: u64 = stored.iter().map(|p| p.len() as u64).sum();
+    assert!(count <= appended, "stored {count} > appended {appended}");
+    assert!(
+        count + dropped >= appended,
+        "stored {count} + dropped {dropped} < appended {appended}"
+    );
+    assert!(
+        shown["telemetry"]["dropped"].as_u64().unwrap() <= dropped,
+        "{shown}"
+    );
+    // The oldest were dropped: each meter's values, stored in time order, still rise, with a
+    // gap where the spool made room.
+    for points in &stored {
+        let values: Vec<i64> = points.iter().map(|p| p.1 as i64).collect();
+        let mut sorted = values.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(sorted, values);
+    }
+}
+
+/// A monthly budget far below what 1-minute batches would use widens the interval, and the
+/// device says so in its check-ins.
+#[tokio::test]
+async fn a_tight_monthly_budget_widens_the_batch_interval() {
+    let fleet = Fleet::sqlite().await;
+    let mut device = Device::new(&fleet);
+    quick(&mut device);
+    device.config.telemetry.monthly_budget_bytes = Some(1_000_000);
+    device.config.telemetry.max_batch_interval = Duration::from_secs(3600);
+    counting_meter(&mut device, Duration::from_millis(100), 1);
+    let running = device.start();
+    let id = device.wait_enrolled().await;
+    let shown = fleet
+        .wait_device(&id, "a widened interval", |d| {
+            d["telemetry"]["batch_interval_s"].as_u64().unwrap_or(0) > 1
+        })
+        .await;
+    assert_eq!(shown["telemetry"]["budget_bytes"], 1_000_000, "{shown}");
+    running.stop().await;
+}
