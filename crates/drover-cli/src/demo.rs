@@ -1,6 +1,7 @@
 //! `drover demo`: a whole fleet on one machine. It starts a hub (embedded SQLite, TLS with a
 //! local CA) in a data directory, enrols N agents on loopback (each with its own state
-//! directory), builds and signs a release, deploys it and shows the fleet converge.
+//! directory and a simulated solar meter read every 2 s), builds and signs a release, deploys
+//! it and shows the fleet converge, then waits for every device's first readings to be stored.
 //!
 //! The hub and the agents are the real ones, run in this process; the demo itself drives the
 //! hub only through its API, like any other CLI command.
@@ -107,6 +108,10 @@ pub async fn run(ctx: &Ctx, args: DemoArgs) -> anyhow::Result<ExitCode> {
             eprintln!("  drover login --hub {} --token {token}{ca}", hub.url);
             eprintln!("  drover device list");
             eprintln!("  drover status --watch");
+            eprintln!("  drover series list");
+            eprintln!(
+                "  drover report create --scope meter --subject <device>/<meter> --from <YYYY-MM-DD>"
+            );
             eprintln!("Press Ctrl-C to stop.");
             crate::cmd::shutdown_signal().await;
             ExitCode::SUCCESS
@@ -216,6 +221,7 @@ async fn demo(
                 args.devices,
                 deployed.elapsed().as_secs_f64()
             );
+            wait_for_data(client, args.devices, deadline).await?;
             if ctx.json() {
                 ctx.print_json(status)?;
             }
@@ -275,7 +281,50 @@ fn agent_config(
     config.app.health = Some("./app.sh health".into());
     config.app.health_interval = Duration::from_millis(300);
     config.app.health_window = Duration::from_secs(30);
+    // A simulated solar meter, read every 2 s; batches every 10 s so charts fill quickly.
     config
+        .meters
+        .simulated
+        .push(drover_agent::meters::config::SimulatedSourceConfig {
+            name: format!("solar-{n:03}"),
+            peak_power_w: 3000 + (n as u32 * 397) % 7000,
+            seed: n as u64,
+            ..Default::default()
+        });
+    config.telemetry.batch_interval = Duration::from_secs(10);
+    config
+}
+
+/// Waits until every demo device has readings stored at the hub, and says how to see them.
+async fn wait_for_data(
+    client: &HubClient,
+    devices: usize,
+    deadline: Instant,
+) -> anyhow::Result<()> {
+    loop {
+        let series: Value = client.get("/api/v1/series?channel=power").await?;
+        let series = series.as_array().cloned().unwrap_or_default();
+        let with_data = series
+            .iter()
+            .filter(|s| s["points"].as_u64().unwrap_or(0) > 0)
+            .count();
+        if with_data >= devices {
+            eprintln!(
+                "Data: {with_data} meters report every 2 s; for example (power in W, 1-minute averages):"
+            );
+            if let Some(first) = series.first() {
+                eprintln!(
+                    "  drover query {} --resolution 1m --agg avg",
+                    field(first, "id")
+                );
+            }
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("only {with_data} of {devices} devices had readings stored before the timeout");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 /// The demo release: a tiny app whose start, stop and health commands are one script.

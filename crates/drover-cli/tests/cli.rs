@@ -357,6 +357,12 @@ async fn the_demo_converges_and_says_so() {
         "{stderr}"
     );
     assert!(stderr.contains("admin token:  drv_o_"), "{stderr}");
+    // Every device's simulated meter had readings stored before the demo said it was done.
+    assert!(
+        stderr.contains("Data: 4 meters report every 2 s"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("drover query "), "{stderr}");
     assert!(data.join("hub/tls/ca.pem").exists());
     // Each agent has its own state directory, with the release unpacked and current.
     for n in 1..=4 {
