@@ -9,6 +9,8 @@ use drover_protocol::device::{DesiredState, UpdatePhase, UpdateStatus};
 use crate::fsutil::{self, FileError};
 use crate::layout::{DeviceRecord, StateDir};
 use crate::outbox::{self, now_ms};
+use crate::sender::budget;
+use crate::sender::state::SenderState;
 use crate::update::state::UpdateState;
 
 /// A device's standing, from its state directory.
@@ -30,6 +32,8 @@ pub struct AgentStatus {
     pub step: Option<String>,
     /// Reports waiting for delivery.
     pub pending_reports: usize,
+    /// The sender's state, once telemetry has run.
+    pub telemetry: Option<SenderState>,
 }
 
 /// Reads the status from a state directory.
@@ -47,6 +51,7 @@ pub fn status(state_dir: &Path) -> Result<AgentStatus, FileError> {
         update: state.status(now_ms()),
         step: state.attempt.as_ref().map(|a| a.step.name().to_string()),
         pending_reports: outbox::count(&paths.outbox_dir())?,
+        telemetry: fsutil::read_json(&paths.telemetry_json())?,
     })
 }
 
@@ -83,7 +88,23 @@ impl fmt::Display for AgentStatus {
         {
             writeln!(f, "last error:       {message}")?;
         }
-        write!(f, "reports waiting:  {}", self.pending_reports)
+        write!(f, "reports waiting:  {}", self.pending_reports)?;
+        if let Some(t) = &self.telemetry {
+            let in_flight = t
+                .inflight
+                .map(|b| format!(", batch {} in flight ({} readings)", b.seq, b.readings))
+                .unwrap_or_default();
+            write!(
+                f,
+                "\ntelemetry:        {} batches sent{in_flight}, {} bytes this month, {} readings refused by the hub",
+                t.next_seq
+                    .saturating_sub(1)
+                    .saturating_sub(u64::from(t.inflight.is_some())),
+                t.bytes_in(budget::month_of(now_ms())),
+                t.refused_readings
+            )?;
+        }
+        Ok(())
     }
 }
 

@@ -14,9 +14,11 @@
 //! `max_batch_readings` at a time. Network trouble and `5xx` back off exponentially; `503` with
 //! `Retry-After` (the hub's ingest queue is full) waits as asked.
 //!
-//! **Refusals.** `413` (or a batch the codec cannot encode) halves the batch and tries again; a
-//! single record the hub still refuses, and any other `4xx` except `401`/`403` (a frame the hub
-//! cannot take, timestamps it finds implausible), is dropped, logged as an error, counted in
+//! **Refusals.** `413` (or a batch the codec cannot encode) halves the batch and tries again. A
+//! checksum refused (damaged on the way) is sent again; a format the hub does not know yet (an
+//! agent newer than its hub) is kept and retried every few minutes. A single record the hub
+//! still refuses as too large, and any other `4xx` except `401`/`403` (a malformed frame,
+//! timestamps the hub finds implausible), is dropped, logged as an error, counted in
 //! `refused_readings` and reported as dropped, so that one bad batch never blocks the rest.
 //! `401`/`403` wait for the main loop to enrol again or for an operator.
 //!
@@ -403,6 +405,16 @@ impl Sender {
         if e.is_transient() {
             tracing::warn!(error = %e, seq = inflight.seq, "telemetry: batch not delivered; retrying");
             return Ok(Outcome::Failed);
+        }
+        match e.code() {
+            // Damaged on the way: it is still in the spool; send it again.
+            Some("batch_checksum") => return Ok(Outcome::Failed),
+            // The agent speaks a newer format than the hub: keep the data for an upgraded hub.
+            Some("batch_version" | "batch_channel" | "batch_clock_state") => {
+                tracing::error!(error = %e, "telemetry: the hub does not understand this agent's batches; keeping them until it does");
+                return Ok(Outcome::RetryAfter(MAX_BACKOFF));
+            }
+            _ => {}
         }
         match e.status() {
             Some(StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) => {

@@ -257,6 +257,8 @@ async fn kills_restarts_and_lost_acknowledgements_store_every_reading_exactly_on
     let mut agent = device.spawn(None);
     drained(&fleet, &id).await;
     agent.kill().await.unwrap();
+    let status = device.status_command();
+    assert!(status.contains("telemetry:"), "{status}");
     let stored = assert_each_reading_stored_once(&fleet, &device, &id).await;
     assert!(stored >= 95, "only {stored} points");
 }
