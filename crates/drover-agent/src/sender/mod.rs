@@ -14,13 +14,14 @@
 //! `max_batch_readings` at a time. Network trouble and `5xx` back off exponentially; `503` with
 //! `Retry-After` (the hub's ingest queue is full) waits as asked.
 //!
-//! **Refusals.** `413` (or a batch the codec cannot encode) halves the batch and tries again. A
-//! checksum refused (damaged on the way) is sent again; a format the hub does not know yet (an
-//! agent newer than its hub) is kept and retried every few minutes. A single record the hub
-//! still refuses as too large, and any other `4xx` except `401`/`403` (a malformed frame,
-//! timestamps the hub finds implausible), is dropped, logged as an error, counted in
-//! `refused_readings` and reported as dropped, so that one bad batch never blocks the rest.
-//! `401`/`403` wait for the main loop to enrol again or for an operator.
+//! **Refusals.** A checksum refused (damaged on the way) is sent again; a format the hub does
+//! not know yet (an agent newer than its hub) is kept and retried every few minutes; `401`/`403`
+//! wait for the main loop to enrol again or for an operator. Any other `4xx` (`413` too large,
+//! `422` timestamps the hub finds implausible, a malformed frame), or a batch the codec cannot
+//! encode, halves the batch under the same sequence number (the hub stored none of it) until
+//! the refused part is a single spool record; that record is dropped, logged as an error,
+//! counted in `refused_readings` and reported as dropped. So one bad reading costs only its
+//! own record, and never blocks the readings after it.
 //!
 //! [`Spool::ack`]: crate::spool::Spool::ack
 
@@ -204,8 +205,14 @@ impl Sender {
             };
             let outcome = tokio::select! {
                 () = shutdown.cancelled() => return Ok(()),
-                outcome = self.round(&enrolled) => outcome?,
+                outcome = self.round(&enrolled) => outcome,
             };
+            // A local failure (a damaged spool segment, a full disk) is retried like a network
+            // one: telemetry must not stop for good while the agent runs.
+            let outcome = outcome.unwrap_or_else(|e| {
+                tracing::error!(error = %e, "telemetry: sending failed on the device");
+                Outcome::Failed
+            });
             let now = Instant::now();
             next = match outcome {
                 Outcome::Sent { more: true } | Outcome::Shrunk | Outcome::Dropped => now,
@@ -290,11 +297,19 @@ impl Sender {
             Ok(frame) => frame,
             Err(e) => {
                 tracing::warn!(error = %e, seq = inflight.seq, "telemetry: batch too large to encode; halving it");
-                return self.shrink(inflight, &records, count).await;
+                return self.shrink(inflight, &records, count, &e.to_string()).await;
             }
         };
         let body_bytes = frame.len() as u64;
-        match self.client.batch(&enrolled.credential, frame).await {
+        let result = self.client.batch(&enrolled.credential, frame).await;
+        if result
+            .as_ref()
+            .map_or_else(|e| e.status().is_some(), |()| true)
+        {
+            // It went over the link (answered or not): it counts against the budget.
+            self.count_bytes(body_bytes);
+        }
+        match result {
             Ok(()) => {
                 self.acknowledged(inflight, count, body_bytes).await?;
                 // A backlog goes at once; a partial batch waits for the interval.
@@ -370,18 +385,12 @@ impl Sender {
         body_bytes: u64,
     ) -> Result<(), SenderError> {
         with_spool(&self.spool, move |s| s.ack(inflight.last_id)).await?;
-        let month = budget::month_of(now_ms());
-        self.state
-            .count_bytes(month, body_bytes + budget::REQUEST_OVERHEAD_BYTES);
         self.state.inflight = None;
         self.save()?;
         if readings > 0 {
             self.usage
                 .observe(None, Some(body_bytes as f64 / readings as f64));
         }
-        let mut figures = self.figures.lock().unwrap_or_else(|e| e.into_inner());
-        figures.month = self.state.month;
-        figures.month_bytes = self.state.month_bytes;
         tracing::debug!(
             seq = inflight.seq,
             readings,
@@ -421,32 +430,35 @@ impl Sender {
                 tracing::warn!(error = %e, "telemetry: the hub refused the device's credential");
                 Ok(Outcome::Unauthorized)
             }
-            Some(StatusCode::PAYLOAD_TOO_LARGE) => self.shrink(inflight, records, readings).await,
             None => Ok(Outcome::Failed),
+            // Too large, or something in it the hub refuses for good: halve the batch until
+            // the refused part is a single record, so that only its readings are lost.
             Some(_) => {
-                self.drop_batch(inflight, readings, &e.to_string()).await?;
-                Ok(Outcome::Dropped)
+                self.shrink(inflight, records, readings, &e.to_string())
+                    .await
             }
         }
     }
 
     /// Keeps the first half of the batch's records under the same sequence number (the hub
-    /// never stored the larger batch); a single record that is still too large is dropped.
+    /// stored none of the refused batch); a single record that is still refused is dropped.
     async fn shrink(
         &mut self,
         inflight: Inflight,
         records: &[Record],
         readings: u64,
+        why: &str,
     ) -> Result<Outcome, SenderError> {
         if records.len() < 2 {
-            self.drop_batch(
-                inflight,
-                readings,
-                "a single spool record too large to send",
-            )
-            .await?;
+            self.drop_batch(inflight, readings, why).await?;
             return Ok(Outcome::Dropped);
         }
+        tracing::warn!(
+            seq = inflight.seq,
+            records = records.len(),
+            why,
+            "telemetry: the hub refused a batch; sending its halves apart"
+        );
         let keep = &records[..records.len() / 2];
         let last_id = keep.last().map_or(inflight.first_id, |r| r.id);
         self.state.inflight = Some(Inflight {
@@ -479,6 +491,16 @@ impl Sender {
             .unwrap_or_else(|e| e.into_inner())
             .refused = self.state.refused_readings;
         Ok(())
+    }
+
+    /// Counts a request's bytes against the month (saved with the next state change).
+    fn count_bytes(&mut self, body_bytes: u64) {
+        let month = budget::month_of(now_ms());
+        self.state
+            .count_bytes(month, body_bytes + budget::REQUEST_OVERHEAD_BYTES);
+        let mut figures = self.figures.lock().unwrap_or_else(|e| e.into_inner());
+        figures.month = self.state.month;
+        figures.month_bytes = self.state.month_bytes;
     }
 
     fn save(&self) -> Result<(), FileError> {

@@ -363,3 +363,88 @@ async fn a_tight_monthly_budget_widens_the_batch_interval() {
     assert_eq!(shown["telemetry"]["budget_bytes"], 1_000_000, "{shown}");
     running.stop().await;
 }
+
+/// A reading the hub refuses (a time far in the future) in the middle of the spool: the sender
+/// halves its batch until only that record is refused, drops and counts it, and sends the rest.
+#[tokio::test]
+async fn a_refused_reading_costs_only_its_own_record() {
+    use std::sync::{Arc, Mutex};
+
+    use drover_agent::client::HubClient;
+    use drover_agent::config::AgentConfig;
+    use drover_agent::sender::{Enrolled, Sender};
+    use drover_protocol::reading::{Channel, ClockState, MeterId, Reading};
+    use drover_test_support::device::BareDevice;
+
+    let fleet = Fleet::sqlite().await;
+    let device = BareDevice::enroll(&fleet.hub.url, &fleet.provisioning_key)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut spool = Spool::open(&dir.path().join("spool"), &SpoolConfig::default()).unwrap();
+    let now = drover_agent::outbox::now_ms();
+    let reading = |ts_ms: i64, value: i64| Reading {
+        meter: MeterId::parse("meter-1").unwrap(),
+        channel: Channel::EnergyImport,
+        ts_ms,
+        value,
+        scale: 0,
+        clock: ClockState::Synced,
+    };
+    // Eight records of five readings; the fourth holds one reading a day ahead.
+    let mut value = 0;
+    for record in 0..8 {
+        let readings: Vec<Reading> = (0..5)
+            .map(|i| {
+                value += 1;
+                let ts = now - 600_000 + value * 1000;
+                reading(
+                    if record == 3 && i == 2 {
+                        ts + 86_400_000
+                    } else {
+                        ts
+                    },
+                    value,
+                )
+            })
+            .collect();
+        spool.append(&readings).unwrap();
+    }
+    spool.sync().unwrap();
+    let spool = Arc::new(Mutex::new(spool));
+    let client = HubClient::new(&AgentConfig {
+        hub_url: fleet.hub.url.clone(),
+        ..AgentConfig::default()
+    })
+    .unwrap();
+    let (_enrolled, watch) = tokio::sync::watch::channel(Some(Enrolled {
+        device: device.id.clone(),
+        credential: device.credential.clone(),
+    }));
+    let (sender, telemetry) = Sender::new(
+        spool,
+        client,
+        watch,
+        TelemetryConfig {
+            batch_interval: Duration::from_millis(100),
+            ..TelemetryConfig::default()
+        },
+        dir.path().join("telemetry.json"),
+    )
+    .unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(sender.run(shutdown.clone()));
+    wait_until(PATIENCE, "the spool to drain", || async {
+        (telemetry.status().spooled == 0).then_some(())
+    })
+    .await;
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+    let status = telemetry.status();
+    assert_eq!(status.dropped, 5, "{status:?}");
+    assert!(status.month_bytes > 0);
+    let stored = points(&fleet, device.id.as_str(), "meter-1", "energy_import").await;
+    let values: Vec<i64> = stored.iter().map(|p| p.1 as i64).collect();
+    let expected: Vec<i64> = (1..=40).filter(|v| !(16..=20).contains(v)).collect();
+    assert_eq!(values, expected);
+}
