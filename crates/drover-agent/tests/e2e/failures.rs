@@ -202,7 +202,9 @@ async fn a_failing_health_check_is_rolled_back_to_the_previous_release() {
     device.config.app.start = Some(format!("echo start $DROVER_RELEASE >> {}", log.display()));
     device.config.app.health =
         Some("if [ -f unhealthy ]; then echo port 8080 refused; exit 1; fi".into());
-    device.config.app.health_window = Duration::from_millis(300);
+    // Long enough that a check started under a loaded machine still finishes (and its output
+    // is kept): each check may take the rest of the window, at least a second.
+    device.config.app.health_window = Duration::from_secs(2);
     // One try only, so the attempt ends rolled back rather than retried.
     device.config.retry.base = Duration::from_secs(3600);
     device.config.retry.max_backoff = Duration::from_secs(3600);
