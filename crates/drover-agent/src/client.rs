@@ -332,11 +332,14 @@ fn tls_trusting_only(ca_file: &std::path::Path) -> Result<rustls::ClientConfig, 
         return Err(setup("holds no certificate".into()));
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| setup(e.to_string()))?
         .with_root_certificates(roots)
         .with_no_client_auth();
+    // As reqwest offers for the platform's trust store: HTTP/2 where the hub speaks it (its
+    // compressed headers keep telemetry batches small), HTTP/1.1 otherwise.
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(config)
 }
 

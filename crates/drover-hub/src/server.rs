@@ -1,5 +1,10 @@
-//! The accept loop: HTTP/1.1 over plain TCP or rustls, with each connection's peer address
-//! handed to handlers, slow clients timed out, and a graceful drain on shutdown.
+//! The accept loop: HTTP/1.1 over plain TCP or rustls, and HTTP/2 over rustls when the client
+//! offers it (ALPN `h2`), with each connection's peer address handed to handlers, slow clients
+//! timed out, and a graceful drain on shutdown.
+//!
+//! HTTP/2 matters on metered links: HPACK sends a repeated header (the bearer credential, the
+//! path, the content type) as one or two bytes, so a telemetry batch costs little beyond its
+//! body. Upgrades (the later tunnel) stay on HTTP/1.1.
 //!
 //! axum's own `serve` does not speak TLS, so connections are accepted here and handed to hyper
 //! directly. TLS handshakes run on the connection's own task, so a client that stalls its
@@ -13,8 +18,8 @@ use axum::Router;
 use axum::body::Body;
 use axum::extract::ConnectInfo;
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper::server::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt as _;
@@ -77,10 +82,18 @@ pub async fn serve(
                                 }
                                 Err(_) => return,
                             };
-                        let conn = builder
-                            .serve_connection(TokioIo::new(stream), service)
-                            .with_upgrades();
-                        drive(conn, &shutdown).await
+                        if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+                            let conn = http2::Builder::new(TokioExecutor::new())
+                                .timer(TokioTimer::new())
+                                .keep_alive_interval(None)
+                                .serve_connection(TokioIo::new(stream), service);
+                            drive_h2(conn, &shutdown).await
+                        } else {
+                            let conn = builder
+                                .serve_connection(TokioIo::new(stream), service)
+                                .with_upgrades();
+                            drive(conn, &shutdown).await
+                        }
                     }
                     None => {
                         let conn = builder
@@ -114,6 +127,31 @@ where
     S: hyper::service::HttpService<Incoming, ResBody = B>,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     B: hyper::body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut conn = std::pin::pin!(conn);
+    tokio::select! {
+        result = conn.as_mut() => result,
+        () = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    }
+}
+
+/// [`drive`] for an HTTP/2 connection: on shutdown, the requests in flight finish (a GOAWAY
+/// tells the client to send no more on it).
+async fn drive_h2<I, S, B>(
+    conn: http2::Connection<I, S, TokioExecutor>,
+    shutdown: &CancellationToken,
+) -> hyper::Result<()>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::HttpService<Incoming, ResBody = B>,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let mut conn = std::pin::pin!(conn);

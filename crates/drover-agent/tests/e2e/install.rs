@@ -244,4 +244,18 @@ async fn an_update_over_tls_trusts_the_hubs_own_ca(engine: Engine) {
     agent.stop().await;
     assert_eq!(fs::read_to_string(ran).unwrap(), "tls\n");
     assert_eq!(final_states(&fleet.attempts(&id).await), vec!["success"]);
+
+    // A client offering HTTP/2 (as the agent does) gets it: HPACK keeps repeated headers such
+    // as the credential to a byte or two per telemetry batch.
+    let ca = fs::read(fleet.hub.hub.ca_file.as_ref().unwrap()).unwrap();
+    let client = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(&ca).unwrap()])
+        .build()
+        .unwrap();
+    let response = client
+        .get(format!("{}/api/v1/openapi.json", fleet.hub.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.version(), reqwest::Version::HTTP_2);
 }
