@@ -1,7 +1,8 @@
-//! A hub under test: the release `drover hub` started as a child process on a data directory,
-//! and the few management API calls the benchmarks make (create a fleet, list devices).
+//! A hub under test: the release `drover hub` started as a child process on a data directory
+//! (SQLite by default, or PostgreSQL; plain HTTP, or HTTPS from its own local CA), and the few
+//! management API calls the benchmarks make (create a fleet, list devices and series).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
@@ -24,6 +25,17 @@ pub struct Hub {
     pub url: String,
     admin_token: String,
     http: reqwest::Client,
+    /// The local CA the hub made, when it serves HTTPS.
+    pub ca_file: Option<PathBuf>,
+}
+
+/// How to start a hub; the default is the plain-HTTP, embedded-SQLite hub.
+#[derive(Debug, Clone, Default)]
+pub struct HubOptions {
+    /// Serve HTTPS with a local CA made in `<data_dir>/tls` (`--tls-self-signed`).
+    pub tls: bool,
+    /// Use this PostgreSQL database instead of SQLite (`--database-url`).
+    pub database_url: Option<String>,
 }
 
 /// A device as `GET /api/v1/devices` shows it (the fields the benchmarks read).
@@ -31,6 +43,17 @@ pub struct Hub {
 pub struct DeviceView {
     /// When it was last seen (Unix milliseconds).
     pub last_seen: Option<i64>,
+}
+
+/// A series as `GET /api/v1/series` shows it (the fields the benchmarks read).
+#[derive(Debug, Clone, Deserialize)]
+pub struct SeriesView {
+    /// Its ID, for data queries.
+    pub id: i64,
+    /// The channel (`power`, `energy_import`, ...).
+    pub channel: String,
+    /// Points stored.
+    pub points: i64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -42,6 +65,11 @@ impl Hub {
     /// Starts `drover hub` on `data_dir`, listening on a free loopback port, and returns once it
     /// answers `/healthz`.
     pub async fn start(data_dir: &Path) -> anyhow::Result<Hub> {
+        Hub::start_with(data_dir, &HubOptions::default()).await
+    }
+
+    /// [`Hub::start`] with options.
+    pub async fn start_with(data_dir: &Path, options: &HubOptions) -> anyhow::Result<Hub> {
         let drover = children::sibling_binary("drover")?;
         let mut command = tokio::process::Command::new(&drover);
         command
@@ -50,12 +78,27 @@ impl Hub {
             .arg(data_dir)
             .arg("--listen")
             .arg("127.0.0.1:0");
+        if options.tls {
+            command.arg("--tls-self-signed");
+        }
+        if let Some(url) = &options.database_url {
+            // The environment rather than a flag, so the URL stays out of `ps`.
+            command.env("DROVER_DATABASE_URL", url);
+        }
         // The hub is measured as operators run it: default log level, nothing extra.
         command.env_remove("RUST_LOG");
         let mut child = Child::spawn("the hub (drover hub)", command)?;
-        let http = http_client()?;
         let deadline = Instant::now() + START_TIMEOUT;
         let url = wait_for_banner(&mut child, deadline).await?;
+        // The hub writes its CA before it prints the banner.
+        let ca_file = options.tls.then(|| data_dir.join("tls").join("ca.pem"));
+        let http = match &ca_file {
+            Some(ca) => client_builder_trusting(ca)?
+                .timeout(Duration::from_secs(30))
+                .build()
+                .context("building the HTTPS client")?,
+            None => http_client()?,
+        };
         wait_healthy(&http, &url, &mut child, deadline).await?;
         let token_file = data_dir.join("admin-token");
         let admin_token = std::fs::read_to_string(&token_file)
@@ -72,7 +115,13 @@ impl Hub {
             url,
             admin_token,
             http,
+            ca_file,
         })
+    }
+
+    /// The admin token (an operator's bearer credential).
+    pub fn admin_token(&self) -> &str {
+        &self.admin_token
     }
 
     /// The hub's process ID.
@@ -109,6 +158,36 @@ impl Hub {
         Ok(created.provisioning_key)
     }
 
+    /// Changes a fleet's settings (`PATCH /api/v1/fleets/{name}`); returns the fleet.
+    pub async fn patch_fleet(
+        &self,
+        name: &str,
+        patch: serde_json::Value,
+    ) -> anyhow::Result<serde_json::Value> {
+        let response = self
+            .http
+            .patch(format!("{}/api/v1/fleets/{name}", self.url))
+            .bearer_auth(&self.admin_token)
+            .json(&patch)
+            .send()
+            .await
+            .context("PATCH /api/v1/fleets/{name}")?;
+        json_answer(response, "changing a fleet").await
+    }
+
+    /// The series of a device.
+    pub async fn series(&self, device: &str) -> anyhow::Result<Vec<SeriesView>> {
+        let response = self
+            .http
+            .get(format!("{}/api/v1/series", self.url))
+            .query(&[("device", device)])
+            .bearer_auth(&self.admin_token)
+            .send()
+            .await
+            .context("GET /api/v1/series")?;
+        json_answer(response, "listing series").await
+    }
+
     /// The devices of a fleet.
     pub async fn devices(&self, fleet: &str) -> anyhow::Result<Vec<DeviceView>> {
         let response = self
@@ -143,6 +222,39 @@ pub fn http_client() -> anyhow::Result<reqwest::Client> {
         .connect_timeout(Duration::from_secs(5))
         .build()
         .context("building the HTTP client")
+}
+
+/// A reqwest client builder that trusts only the CA certificates in `ca_file`, set up the way
+/// the agent sets up its client (rustls with ring, the safe default protocol versions, no
+/// ALPN, so HTTP/1.1; see `drover-agent/src/client.rs`).
+pub fn client_builder_trusting(ca_file: &Path) -> anyhow::Result<reqwest::ClientBuilder> {
+    Ok(reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(15))
+        .tls_backend_preconfigured(rustls_config_trusting(ca_file)?))
+}
+
+/// The agent's rustls client config: trusts only the CA certificates in `ca_file`. Clones
+/// share one session cache, so a second client made from a clone resumes TLS sessions.
+pub fn rustls_config_trusting(ca_file: &Path) -> anyhow::Result<rustls::ClientConfig> {
+    let pem = std::fs::read(ca_file).with_context(|| format!("reading {}", ca_file.display()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+        let cert = cert.with_context(|| format!("{} is not valid PEM", ca_file.display()))?;
+        roots
+            .add(cert)
+            .with_context(|| format!("{} holds an unusable CA certificate", ca_file.display()))?;
+    }
+    anyhow::ensure!(
+        !roots.is_empty(),
+        "{} holds no certificate",
+        ca_file.display()
+    );
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("choosing TLS versions")?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
 }
 
 /// Decodes a 2xx JSON answer, or fails with the hub's error body.

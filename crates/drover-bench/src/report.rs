@@ -25,13 +25,9 @@ pub const AGENT_RSS_GOAL_BYTES: f64 = 10e6;
 /// The agent's binary size goal, in bytes (8 MB).
 pub const AGENT_SIZE_GOAL_BYTES: u64 = 8_000_000;
 
-/// The whole file: a header, the machine, each benchmark that ran, and the kept notes.
-pub fn document(
-    machine: &Machine,
-    checkin: Option<&checkin::Report>,
-    agent: Option<&agent::Report>,
-    kept_notes: Option<&str>,
-) -> String {
+/// The whole file: a header, the machine, the sections of the benchmarks that ran (each already
+/// rendered, in order), and the kept notes.
+pub fn document(machine: &Machine, sections: &[String], kept_notes: Option<&str>) -> String {
     let mut out = String::new();
     out.push_str("# Benchmarks\n\n");
     out.push_str(
@@ -43,16 +39,15 @@ pub fn document(
         "```sh\n{BUILD_COMMAND} && ./target/release/drover-bench all\n```\n"
     );
     out.push_str(
-        "`drover-bench checkin` and `drover-bench agent` run one benchmark each and print its \
-         section; `drover-bench --help` lists the knobs (runs, durations, wrk loads). wrk and \
-         nginx come from Debian: `apt-get install wrk nginx-light`.\n\n",
+        "`drover-bench checkin`, `agent`, `ingest`, `wire`, `rest` and `query` run one benchmark \
+         each and print its section (with `--write`, they also replace that section here); \
+         `drover-bench --help` lists the knobs (runs, durations, loads). wrk, nginx and tcpdump \
+         come from Debian: `apt-get install wrk nginx-light tcpdump`; the PostgreSQL figures \
+         need a server (`--postgres-url`).\n\n",
     );
     out.push_str(&machine_section(machine));
-    if let Some(report) = checkin {
-        out.push_str(&checkin_section(report));
-    }
-    if let Some(report) = agent {
-        out.push_str(&agent_section(report));
+    for section in sections {
+        out.push_str(section);
     }
     out.push_str(NOTES_MARKER);
     out.push('\n');
@@ -60,6 +55,45 @@ pub fn document(
         out.push_str(notes);
     }
     out
+}
+
+/// `existing` with section `number` (from its `## <number>. ` heading to the next `## `
+/// heading or the notes marker) replaced by `section`; a missing section is put before the
+/// first section with a higher number, or before the notes marker.
+pub fn replace_section(existing: &str, number: u32, section: &str) -> String {
+    let heading = |n: u32| format!("\n## {n}. ");
+    let section_number = |at: usize| -> Option<u32> {
+        let rest = existing.get(at + 4..)?;
+        rest.split_once(". ")?.0.parse().ok()
+    };
+    let end_of = |from: usize| -> usize {
+        let next_heading = existing[from..].find("\n## ").map(|i| from + i);
+        let marker = existing[from..].find(NOTES_MARKER).map(|i| from + i - 1);
+        [next_heading, marker]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(existing.len())
+    };
+    let (start, end) = match existing.find(&heading(number)) {
+        Some(start) => (start, end_of(start + 1)),
+        None => {
+            let later = existing
+                .match_indices("\n## ")
+                .map(|(i, _)| i)
+                .find(|&i| section_number(i).is_some_and(|n| n > number));
+            let at = later
+                .or_else(|| existing.find(NOTES_MARKER).map(|i| i.saturating_sub(1)))
+                .unwrap_or(existing.len());
+            (at, at)
+        }
+    };
+    format!(
+        "{}\n{}{}",
+        &existing[..start],
+        section.trim_end_matches('\n').to_string() + "\n",
+        &existing[end..]
+    )
 }
 
 /// What follows the notes marker in an existing file, if it has one.
@@ -357,5 +391,26 @@ mod tests {
         let existing = format!("# old figures\n{NOTES_MARKER}\n## Notes\nperf says X.\n");
         assert_eq!(kept_notes(&existing), Some("## Notes\nperf says X.\n"));
         assert_eq!(kept_notes("# no marker"), None);
+    }
+
+    #[test]
+    fn a_section_is_replaced_in_place_or_put_in_number_order() {
+        let existing =
+            format!("# B\n\n## 1. One\n\nold one\n\n## 4. Four\n\nfour\n\n{NOTES_MARKER}\nnotes\n");
+        let replaced = replace_section(&existing, 1, "## 1. One\n\nnew one\n\n");
+        assert_eq!(
+            replaced,
+            format!("# B\n\n## 1. One\n\nnew one\n\n## 4. Four\n\nfour\n\n{NOTES_MARKER}\nnotes\n")
+        );
+        let inserted = replace_section(&existing, 3, "## 3. Three\n\nthree\n\n");
+        assert!(
+            inserted.contains("old one\n\n## 3. Three\n\nthree\n\n## 4. Four"),
+            "{inserted}"
+        );
+        let appended = replace_section(&existing, 6, "## 6. Six\n\nsix\n\n");
+        assert!(
+            appended.contains("four\n\n## 6. Six\n\nsix\n\n<!--"),
+            "{appended}"
+        );
     }
 }

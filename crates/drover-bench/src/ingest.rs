@@ -1,0 +1,372 @@
+//! Durable ingest, end to end: how many points per second the hub acknowledges when many
+//! devices send telemetry batches at once, beside the same points inserted one row per point
+//! into the same database engine (see [`crate::rawstore`]), measured in the same run.
+//!
+//! A `204` from `POST /device/v1/batches` means the batch is committed (the writer folds many
+//! batches into one transaction), so acknowledged points per second is durable throughput.
+//! Every batch is built and encoded before the clock starts; each device sends its batches one
+//! after another on its own keep-alive connection, as the agent's sender does, and a `503`
+//! (queue full) is retried after `Retry-After` with the same sequence number.
+
+use std::time::Instant;
+
+use anyhow::{Context as _, bail};
+use drover_protocol::batch::{self, Batch};
+use tokio::task::JoinSet;
+
+use crate::device::{self, EnrolledDevice};
+use crate::hub::{Hub, HubOptions};
+use crate::meter::{self, Meter};
+use crate::rawstore::{self, RawPostgres, RawSqlite, Row};
+use crate::{checkin, machine, procfs};
+
+/// The fleet the simulated devices enrol in.
+const FLEET: &str = "bench-ingest";
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Devices sending at once, each on its own connection.
+    pub devices: usize,
+    /// Batches each device sends per measured run.
+    pub batches: u32,
+    /// Minutes of meter data per batch (a divisor of 60).
+    pub batch_minutes: u32,
+    /// Measured runs per engine.
+    pub runs: usize,
+    /// A PostgreSQL server to measure too (any database on it; a scratch one is made).
+    pub postgres_url: Option<String>,
+}
+
+impl Options {
+    /// Points in one batch.
+    pub fn points_per_batch(&self) -> usize {
+        meter::POLLS_PER_HOUR * meter::CHANNELS * self.batch_minutes as usize / 60
+    }
+
+    /// Points every device together sends in one run.
+    pub fn points_per_run(&self) -> u64 {
+        (self.devices * self.batches as usize * self.points_per_batch()) as u64
+    }
+}
+
+/// Everything measured.
+#[derive(Debug)]
+pub struct Report {
+    /// What was asked.
+    pub options: Options,
+    /// The runs on SQLite.
+    pub sqlite: EngineRuns,
+    /// The runs on PostgreSQL, or why there are none.
+    pub postgres: Result<EngineRuns, String>,
+    /// Mean encoded batch size, in bytes.
+    pub mean_frame_bytes: f64,
+}
+
+/// The runs on one engine.
+#[derive(Debug)]
+pub struct EngineRuns {
+    /// The load average (1 min) before and after.
+    pub load_average: (String, String),
+    /// Each measured run.
+    pub runs: Vec<Run>,
+}
+
+/// One measured run: the hub and the reference, back to back.
+#[derive(Debug, Clone)]
+pub struct Run {
+    /// Whether the hub went first.
+    pub hub_first: bool,
+    /// Points the hub acknowledged per second.
+    pub hub_points_per_sec: f64,
+    /// Points per second into the one-row-per-point reference.
+    pub raw_points_per_sec: f64,
+    /// CPU time of the hub process per point, in nanoseconds.
+    pub hub_cpu_ns_per_point: f64,
+    /// Batches refused with `503` (and sent again).
+    pub retries: u64,
+}
+
+/// Runs the benchmark on SQLite and, when a URL is given, on PostgreSQL.
+pub async fn run(options: Options) -> anyhow::Result<Report> {
+    eprintln!("ingest on SQLite");
+    let (sqlite, mean_frame_bytes) = run_engine(&options, None)
+        .await
+        .context("ingest on SQLite")?;
+    let postgres = match &options.postgres_url {
+        None => Err("not run: no PostgreSQL URL was given (`--postgres-url`)".to_string()),
+        Some(url) => {
+            eprintln!("ingest on PostgreSQL");
+            let (runs, _) = run_engine(&options, Some(url))
+                .await
+                .context("ingest on PostgreSQL")?;
+            Ok(runs)
+        }
+    };
+    Ok(Report {
+        options,
+        sqlite,
+        postgres,
+        mean_frame_bytes,
+    })
+}
+
+/// The reference store of one engine.
+enum Reference {
+    Sqlite(RawSqlite),
+    Postgres(RawPostgres),
+}
+
+impl Reference {
+    async fn insert(&self, rows: &[Row]) -> anyhow::Result<()> {
+        match self {
+            Reference::Sqlite(db) => db.insert(rows).await,
+            Reference::Postgres(db) => db.insert(rows).await,
+        }
+    }
+
+    async fn close(self) {
+        match self {
+            Reference::Sqlite(db) => db.close().await,
+            Reference::Postgres(db) => db.close().await,
+        }
+    }
+}
+
+async fn run_engine(
+    options: &Options,
+    postgres_url: Option<&str>,
+) -> anyhow::Result<(EngineRuns, f64)> {
+    let scratch = match postgres_url {
+        Some(url) => Some(
+            rawstore::ScratchDatabase::create(url, &format!("drover_bench_{}", std::process::id()))
+                .await?,
+        ),
+        None => None,
+    };
+    let result = measure_engine(options, scratch.as_ref().map(|s| s.url.as_str())).await;
+    if let Some(scratch) = scratch {
+        // The hub has stopped by now (or was killed when dropped); drop its database either way.
+        scratch.drop_now().await?;
+    }
+    result
+}
+
+async fn measure_engine(
+    options: &Options,
+    database_url: Option<&str>,
+) -> anyhow::Result<(EngineRuns, f64)> {
+    let load_before = machine::load_average();
+    let work = tempfile::tempdir().context("making the hub's data directory")?;
+    let hub_options = HubOptions {
+        tls: false,
+        database_url: database_url.map(str::to_string),
+    };
+    let mut hub = Hub::start_with(&work.path().join("hub"), &hub_options).await?;
+    eprintln!("hub at {} (pid {})", hub.url, hub.pid());
+    let reference = match database_url {
+        Some(url) => Reference::Postgres(RawPostgres::create(url).await?),
+        None => Reference::Sqlite(RawSqlite::create(&work.path().join("raw.db")).await?),
+    };
+    let provisioning_key = hub.create_fleet(FLEET, 3600).await?;
+    eprintln!("enrolling {} devices...", options.devices);
+    let mut devices = Vec::with_capacity(options.devices);
+    for _ in 0..options.devices {
+        devices.push(device::enrol(hub.http(), &hub.url, &provisioning_key).await?);
+    }
+    let plan = Plan::new(options, &devices);
+
+    // Warm-up: one batch per device, which also creates every series.
+    let warm_up = plan.build(&devices, 0, 1)?;
+    send_all(&hub, &devices, warm_up.frames).await?;
+    reference.insert(&warm_up.rows).await?;
+    let mean_frame_bytes = warm_up.frame_bytes as f64 / options.devices as f64;
+
+    let mut runs = Vec::with_capacity(options.runs);
+    for i in 0..options.runs {
+        let first = 1 + i as u32 * options.batches;
+        let work = plan.build(&devices, first, options.batches)?;
+        let points = work.rows.len() as u64;
+        if points != options.points_per_run() {
+            bail!(
+                "built {points} points for a run, expected {}",
+                options.points_per_run()
+            );
+        }
+        let hub_first = checkin::hub_goes_first(i);
+        let mut hub_run = None;
+        let mut raw_seconds = None;
+        let mut frames = Some(work.frames);
+        for hub_turn in [hub_first, !hub_first] {
+            if hub_turn {
+                let frames = frames.take().unwrap_or_default();
+                hub_run = Some(measure_hub(&mut hub, &devices, frames).await?);
+            } else {
+                let started = Instant::now();
+                reference.insert(&work.rows).await?;
+                raw_seconds = Some(started.elapsed().as_secs_f64());
+            }
+        }
+        let (hub_seconds, cpu_seconds, retries) = hub_run.context("the hub's turn did not run")?;
+        let raw_seconds = raw_seconds.context("the reference's turn did not run")?;
+        let run = Run {
+            hub_first,
+            hub_points_per_sec: points as f64 / hub_seconds,
+            raw_points_per_sec: points as f64 / raw_seconds,
+            hub_cpu_ns_per_point: cpu_seconds * 1e9 / points as f64,
+            retries,
+        };
+        eprintln!(
+            "run {}/{}: hub {:>9.0} points/s ({:.0} CPU ns/point, {} retries), reference {:>9.0} points/s",
+            i + 1,
+            options.runs,
+            run.hub_points_per_sec,
+            run.hub_cpu_ns_per_point,
+            run.retries,
+            run.raw_points_per_sec
+        );
+        runs.push(run);
+    }
+    let load_after = machine::load_average();
+    reference.close().await;
+    check_stored(&hub, &devices, options).await?;
+    hub.stop().await?;
+    Ok((
+        EngineRuns {
+            load_average: (load_before, load_after),
+            runs,
+        },
+        mean_frame_bytes,
+    ))
+}
+
+/// What the devices send: each device's meter, and which batch covers which data.
+struct Plan {
+    meters: Vec<Meter>,
+    batch_minutes: u32,
+}
+
+/// The encoded batches of some turn (per device, in sending order) and the same points as the
+/// reference's rows (in arrival order).
+struct Work {
+    frames: Vec<Vec<Vec<u8>>>,
+    rows: Vec<Row>,
+    frame_bytes: usize,
+}
+
+impl Plan {
+    fn new(options: &Options, devices: &[EnrolledDevice]) -> Plan {
+        let total_batches = 1 + options.runs as u32 * options.batches;
+        let hours = (total_batches * options.batch_minutes).div_ceil(60);
+        let first_hour = meter::first_hour_ending_now(hours);
+        Plan {
+            meters: (0..devices.len())
+                .map(|d| Meter::new(d as u64 + 1, first_hour))
+                .collect(),
+            batch_minutes: options.batch_minutes,
+        }
+    }
+
+    /// Batches `first .. first + count` of every device (batch `k` has sequence number
+    /// `k + 1`).
+    fn build(&self, devices: &[EnrolledDevice], first: u32, count: u32) -> anyhow::Result<Work> {
+        let per_hour = 60 / self.batch_minutes;
+        let readings_per_batch = meter::POLLS_PER_HOUR * meter::CHANNELS / per_hour as usize;
+        let mut frames = vec![Vec::new(); devices.len()];
+        let mut rows = Vec::new();
+        let mut frame_bytes = 0;
+        for k in first..first + count {
+            let (hour, slice) = (k / per_hour, (k % per_hour) as usize);
+            for (d, device) in devices.iter().enumerate() {
+                let readings = self.meters[d].hour(hour);
+                let readings =
+                    readings[slice * readings_per_batch..(slice + 1) * readings_per_batch].to_vec();
+                rows.extend(rawstore::rows(d, &readings));
+                let frame = batch::encode(&Batch {
+                    device: device.id.clone(),
+                    seq: u64::from(k) + 1,
+                    readings,
+                })
+                .context("encoding a batch")?;
+                frame_bytes += frame.len();
+                frames[d].push(frame);
+            }
+        }
+        Ok(Work {
+            frames,
+            rows,
+            frame_bytes,
+        })
+    }
+}
+
+/// Sends each device's frames on its own task; returns the seconds it took, the hub's CPU
+/// seconds meanwhile and the number of `503` retries.
+async fn measure_hub(
+    hub: &mut Hub,
+    devices: &[EnrolledDevice],
+    frames: Vec<Vec<Vec<u8>>>,
+) -> anyhow::Result<(f64, f64, u64)> {
+    let cpu_before = procfs::cpu_ticks_tree(hub.pid())?;
+    let started = Instant::now();
+    let retries = send_all(hub, devices, frames).await?;
+    let seconds = started.elapsed().as_secs_f64();
+    let cpu_after = procfs::cpu_ticks_tree(hub.pid())?;
+    hub.ensure_running()?;
+    let cpu_seconds = cpu_after.saturating_sub(cpu_before) as f64 / procfs::TICKS_PER_SEC as f64;
+    Ok((seconds, cpu_seconds, retries))
+}
+
+/// Every device sends its frames, one after another, all devices at once; returns the number
+/// of `503` retries.
+pub async fn send_all(
+    hub: &Hub,
+    devices: &[EnrolledDevice],
+    frames: Vec<Vec<Vec<u8>>>,
+) -> anyhow::Result<u64> {
+    let mut tasks = JoinSet::new();
+    for (device, frames) in devices.iter().zip(frames) {
+        let (http, url, credential) = (
+            hub.http().clone(),
+            hub.url.clone(),
+            device.credential.clone(),
+        );
+        tasks.spawn(async move {
+            let mut retries = 0u64;
+            for frame in frames {
+                retries += u64::from(device::send_batch(&http, &url, &credential, &frame).await?);
+            }
+            anyhow::Ok(retries)
+        });
+    }
+    let mut retries = 0;
+    while let Some(done) = tasks.join_next().await {
+        retries += done.context("a device's task failed")??;
+    }
+    Ok(retries)
+}
+
+/// Checks that the hub stored every point it acknowledged (series point counts).
+async fn check_stored(
+    hub: &Hub,
+    devices: &[EnrolledDevice],
+    options: &Options,
+) -> anyhow::Result<()> {
+    let batches = 1 + options.runs as u64 * u64::from(options.batches);
+    let expected = batches * options.points_per_batch() as u64;
+    for device in devices.iter().take(3) {
+        let stored: i64 = hub
+            .series(device.id.as_str())
+            .await?
+            .iter()
+            .map(|s| s.points)
+            .sum();
+        if u64::try_from(stored).ok() != Some(expected) {
+            bail!(
+                "device {} has {stored} points stored, but the hub acknowledged {expected}",
+                device.id
+            );
+        }
+    }
+    Ok(())
+}

