@@ -216,7 +216,7 @@ impl RestArgs {
 #[derive(Debug, Args)]
 struct QueryArgs {
     /// Requests per measured run and kind.
-    #[arg(long = "query-requests", default_value_t = 200)]
+    #[arg(long = "query-requests", default_value_t = 400)]
     requests: usize,
     /// Measured runs (API and raw scan alternate).
     #[arg(long = "query-runs", default_value_t = 5)]
