@@ -26,22 +26,56 @@ const FLEET: &str = "bench-ingest";
 /// What to measure.
 #[derive(Debug, Clone)]
 pub struct Options {
-    /// Devices sending at once, each on its own connection.
-    pub devices: usize,
-    /// Batches each device sends per measured run.
-    pub batches: u32,
-    /// Minutes of meter data per batch (a divisor of 60).
-    pub batch_minutes: u32,
-    /// Measured runs per engine.
+    /// The loads, each measured on every engine.
+    pub loads: Vec<Load>,
+    /// Measured runs per load and engine.
     pub runs: usize,
     /// A PostgreSQL server to measure too (any database on it; a scratch one is made).
     pub postgres_url: Option<String>,
 }
 
-impl Options {
+/// One load: how many devices send how many batches of how many minutes of data per run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Load {
+    /// Devices sending at once, each on its own connection.
+    pub devices: usize,
+    /// Batches each device sends per measured run.
+    pub batches: u32,
+    /// Minutes of meter data per batch (a divisor of 60).
+    pub minutes: u32,
+}
+
+impl Load {
+    /// Parses `DEVICESxBATCHESxMINUTES`, such as `128x4x60`.
+    pub fn parse(text: &str) -> anyhow::Result<Load> {
+        let bad = || {
+            anyhow::anyhow!(
+                "an ingest load is DEVICESxBATCHESxMINUTES (such as 128x4x60), not {text:?}"
+            )
+        };
+        let parts: Vec<&str> = text.split('x').collect();
+        let [devices, batches, minutes] = parts[..] else {
+            return Err(bad());
+        };
+        let load = Load {
+            devices: devices.parse().map_err(|_| bad())?,
+            batches: batches.parse().map_err(|_| bad())?,
+            minutes: minutes.parse().map_err(|_| bad())?,
+        };
+        anyhow::ensure!(
+            load.devices > 0 && load.batches > 0,
+            "an ingest load needs at least one device and one batch: {text:?}"
+        );
+        anyhow::ensure!(
+            load.minutes > 0 && 60 % load.minutes == 0,
+            "the minutes per batch must divide 60 (1, 2, 5, 10, 15, 30, 60, ...): {text:?}"
+        );
+        Ok(load)
+    }
+
     /// Points in one batch.
     pub fn points_per_batch(&self) -> usize {
-        meter::POLLS_PER_HOUR * meter::CHANNELS * self.batch_minutes as usize / 60
+        meter::POLLS_PER_HOUR * meter::CHANNELS * self.minutes as usize / 60
     }
 
     /// Points every device together sends in one run.
@@ -50,22 +84,32 @@ impl Options {
     }
 }
 
+impl std::fmt::Display for Load {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}x{}x{}", self.devices, self.batches, self.minutes)
+    }
+}
+
 /// Everything measured.
 #[derive(Debug)]
 pub struct Report {
     /// What was asked.
     pub options: Options,
-    /// The runs on SQLite.
-    pub sqlite: EngineRuns,
-    /// The runs on PostgreSQL, or why there are none.
-    pub postgres: Result<EngineRuns, String>,
-    /// Mean encoded batch size, in bytes.
-    pub mean_frame_bytes: f64,
+    /// The runs of each load on each engine.
+    pub engines: Vec<EngineRuns>,
+    /// Why PostgreSQL was not measured, if it was not.
+    pub postgres_skipped: Option<String>,
 }
 
-/// The runs on one engine.
+/// The runs of one load on one engine.
 #[derive(Debug)]
 pub struct EngineRuns {
+    /// `SQLite` or `PostgreSQL`.
+    pub engine: &'static str,
+    /// The load.
+    pub load: Load,
+    /// Mean encoded batch size, in bytes.
+    pub mean_frame_bytes: f64,
     /// The load average (1 min) before and after.
     pub load_average: (String, String),
     /// Each measured run.
@@ -83,31 +127,42 @@ pub struct Run {
     pub raw_points_per_sec: f64,
     /// CPU time of the hub process per point, in nanoseconds.
     pub hub_cpu_ns_per_point: f64,
+    /// CPU time of this process (sqlx and SQLite's work) per point of the reference, in
+    /// nanoseconds; PostgreSQL's server processes are not counted.
+    pub raw_cpu_ns_per_point: f64,
     /// Batches refused with `503` (and sent again).
     pub retries: u64,
 }
 
-/// Runs the benchmark on SQLite and, when a URL is given, on PostgreSQL.
+/// Runs each load on SQLite and, when a URL is given, on PostgreSQL.
 pub async fn run(options: Options) -> anyhow::Result<Report> {
-    eprintln!("ingest on SQLite");
-    let (sqlite, mean_frame_bytes) = run_engine(&options, None)
-        .await
-        .context("ingest on SQLite")?;
-    let postgres = match &options.postgres_url {
-        None => Err("not run: no PostgreSQL URL was given (`--postgres-url`)".to_string()),
-        Some(url) => {
-            eprintln!("ingest on PostgreSQL");
-            let (runs, _) = run_engine(&options, Some(url))
+    let mut engines = Vec::new();
+    for &load in &options.loads {
+        eprintln!("ingest on SQLite, load {load}");
+        engines.push(
+            run_engine(load, options.runs, None)
                 .await
-                .context("ingest on PostgreSQL")?;
-            Ok(runs)
+                .with_context(|| format!("ingest on SQLite, load {load}"))?,
+        );
+    }
+    if let Some(url) = &options.postgres_url {
+        for &load in &options.loads {
+            eprintln!("ingest on PostgreSQL, load {load}");
+            engines.push(
+                run_engine(load, options.runs, Some(url))
+                    .await
+                    .with_context(|| format!("ingest on PostgreSQL, load {load}"))?,
+            );
         }
-    };
+    }
+    let postgres_skipped = options
+        .postgres_url
+        .is_none()
+        .then(|| "not run: no PostgreSQL URL was given (`--postgres-url`)".to_string());
     Ok(Report {
         options,
-        sqlite,
-        postgres,
-        mean_frame_bytes,
+        engines,
+        postgres_skipped,
     })
 }
 
@@ -134,9 +189,10 @@ impl Reference {
 }
 
 async fn run_engine(
-    options: &Options,
+    load: Load,
+    runs: usize,
     postgres_url: Option<&str>,
-) -> anyhow::Result<(EngineRuns, f64)> {
+) -> anyhow::Result<EngineRuns> {
     let scratch = match postgres_url {
         Some(url) => Some(
             rawstore::ScratchDatabase::create(url, &format!("drover_bench_{}", std::process::id()))
@@ -144,7 +200,7 @@ async fn run_engine(
         ),
         None => None,
     };
-    let result = measure_engine(options, scratch.as_ref().map(|s| s.url.as_str())).await;
+    let result = measure_engine(load, runs, scratch.as_ref().map(|s| s.url.as_str())).await;
     if let Some(scratch) = scratch {
         // The hub has stopped by now (or was killed when dropped); drop its database either way.
         scratch.drop_now().await?;
@@ -153,9 +209,10 @@ async fn run_engine(
 }
 
 async fn measure_engine(
-    options: &Options,
+    load: Load,
+    run_count: usize,
     database_url: Option<&str>,
-) -> anyhow::Result<(EngineRuns, f64)> {
+) -> anyhow::Result<EngineRuns> {
     let load_before = machine::load_average();
     let work = tempfile::tempdir().context("making the hub's data directory")?;
     let hub_options = HubOptions {
@@ -169,75 +226,84 @@ async fn measure_engine(
         None => Reference::Sqlite(RawSqlite::create(&work.path().join("raw.db")).await?),
     };
     let provisioning_key = hub.create_fleet(FLEET, 3600).await?;
-    eprintln!("enrolling {} devices...", options.devices);
-    let mut devices = Vec::with_capacity(options.devices);
-    for _ in 0..options.devices {
+    eprintln!("enrolling {} devices...", load.devices);
+    let mut devices = Vec::with_capacity(load.devices);
+    for _ in 0..load.devices {
         devices.push(device::enrol(hub.http(), &hub.url, &provisioning_key).await?);
     }
-    let plan = Plan::new(options, &devices);
+    let plan = Plan::new(load, run_count, &devices);
 
     // Warm-up: one batch per device, which also creates every series.
     let warm_up = plan.build(&devices, 0, 1)?;
     send_all(&hub, &devices, warm_up.frames).await?;
     reference.insert(&warm_up.rows).await?;
-    let mean_frame_bytes = warm_up.frame_bytes as f64 / options.devices as f64;
+    let mean_frame_bytes = warm_up.frame_bytes as f64 / load.devices as f64;
 
-    let mut runs = Vec::with_capacity(options.runs);
-    for i in 0..options.runs {
-        let first = 1 + i as u32 * options.batches;
-        let work = plan.build(&devices, first, options.batches)?;
+    let mut runs = Vec::with_capacity(run_count);
+    for i in 0..run_count {
+        let first = 1 + i as u32 * load.batches;
+        let work = plan.build(&devices, first, load.batches)?;
         let points = work.rows.len() as u64;
-        if points != options.points_per_run() {
+        if points != load.points_per_run() {
             bail!(
                 "built {points} points for a run, expected {}",
-                options.points_per_run()
+                load.points_per_run()
             );
         }
         let hub_first = checkin::hub_goes_first(i);
         let mut hub_run = None;
-        let mut raw_seconds = None;
+        let mut raw_run = None;
         let mut frames = Some(work.frames);
         for hub_turn in [hub_first, !hub_first] {
             if hub_turn {
                 let frames = frames.take().unwrap_or_default();
                 hub_run = Some(measure_hub(&mut hub, &devices, frames).await?);
             } else {
+                let cpu_before = procfs::cpu_ticks_tree(std::process::id())?;
                 let started = Instant::now();
                 reference.insert(&work.rows).await?;
-                raw_seconds = Some(started.elapsed().as_secs_f64());
+                let seconds = started.elapsed().as_secs_f64();
+                let cpu = procfs::cpu_ticks_tree(std::process::id())?.saturating_sub(cpu_before);
+                raw_run = Some((seconds, cpu as f64 / procfs::TICKS_PER_SEC as f64));
             }
         }
         let (hub_seconds, cpu_seconds, retries) = hub_run.context("the hub's turn did not run")?;
-        let raw_seconds = raw_seconds.context("the reference's turn did not run")?;
+        let (raw_seconds, raw_cpu_seconds) = raw_run.context("the reference's turn did not run")?;
         let run = Run {
             hub_first,
             hub_points_per_sec: points as f64 / hub_seconds,
             raw_points_per_sec: points as f64 / raw_seconds,
             hub_cpu_ns_per_point: cpu_seconds * 1e9 / points as f64,
+            raw_cpu_ns_per_point: raw_cpu_seconds * 1e9 / points as f64,
             retries,
         };
         eprintln!(
-            "run {}/{}: hub {:>9.0} points/s ({:.0} CPU ns/point, {} retries), reference {:>9.0} points/s",
+            "run {}/{}: hub {:>9.0} points/s ({:.0} CPU ns/point, {} retries), reference {:>9.0} points/s ({:.0} CPU ns/point)",
             i + 1,
-            options.runs,
+            run_count,
             run.hub_points_per_sec,
             run.hub_cpu_ns_per_point,
             run.retries,
-            run.raw_points_per_sec
+            run.raw_points_per_sec,
+            run.raw_cpu_ns_per_point
         );
         runs.push(run);
     }
     let load_after = machine::load_average();
     reference.close().await;
-    check_stored(&hub, &devices, options).await?;
+    check_stored(&hub, &devices, load, run_count).await?;
     hub.stop().await?;
-    Ok((
-        EngineRuns {
-            load_average: (load_before, load_after),
-            runs,
+    Ok(EngineRuns {
+        engine: if database_url.is_some() {
+            "PostgreSQL"
+        } else {
+            "SQLite"
         },
+        load,
         mean_frame_bytes,
-    ))
+        load_average: (load_before, load_after),
+        runs,
+    })
 }
 
 /// What the devices send: each device's meter, and which batch covers which data.
@@ -255,15 +321,15 @@ struct Work {
 }
 
 impl Plan {
-    fn new(options: &Options, devices: &[EnrolledDevice]) -> Plan {
-        let total_batches = 1 + options.runs as u32 * options.batches;
-        let hours = (total_batches * options.batch_minutes).div_ceil(60);
+    fn new(load: Load, runs: usize, devices: &[EnrolledDevice]) -> Plan {
+        let total_batches = 1 + runs as u32 * load.batches;
+        let hours = (total_batches * load.minutes).div_ceil(60);
         let first_hour = meter::first_hour_ending_now(hours);
         Plan {
             meters: (0..devices.len())
                 .map(|d| Meter::new(d as u64 + 1, first_hour))
                 .collect(),
-            batch_minutes: options.batch_minutes,
+            batch_minutes: load.minutes,
         }
     }
 
@@ -350,10 +416,11 @@ pub async fn send_all(
 async fn check_stored(
     hub: &Hub,
     devices: &[EnrolledDevice],
-    options: &Options,
+    load: Load,
+    runs: usize,
 ) -> anyhow::Result<()> {
-    let batches = 1 + options.runs as u64 * u64::from(options.batches);
-    let expected = batches * options.points_per_batch() as u64;
+    let batches = 1 + runs as u64 * u64::from(load.batches);
+    let expected = batches * load.points_per_batch() as u64;
     for device in devices.iter().take(3) {
         let stored: i64 = hub
             .series(device.id.as_str())

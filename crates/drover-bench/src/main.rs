@@ -24,6 +24,7 @@ mod ingest;
 mod machine;
 mod meter;
 mod nginx;
+mod pcap;
 mod procfs;
 mod query;
 mod rawstore;
@@ -136,16 +137,16 @@ impl WriteArgs {
 
 #[derive(Debug, Args)]
 struct IngestArgs {
-    /// Devices sending at once, each on its own keep-alive connection.
-    #[arg(long = "ingest-devices", default_value_t = 128)]
-    devices: usize,
-    /// Batches each device sends per measured run.
-    #[arg(long = "ingest-batches", default_value_t = 4)]
-    batches: u32,
-    /// Minutes of meter data per batch (a divisor of 60; 60 = 5,400 points).
-    #[arg(long = "ingest-batch-minutes", default_value_t = 60)]
-    batch_minutes: u32,
-    /// Measured runs per engine (hub and reference alternate).
+    /// Loads as DEVICESxBATCHESxMINUTES: devices sending at once (each on its own keep-alive
+    /// connection), batches each sends per run, minutes of meter data per batch (60 = 5,400
+    /// points, 1 = 90); each load is measured on every engine.
+    #[arg(
+        long = "ingest-load",
+        value_delimiter = ',',
+        default_value = "128x4x60,32x60x1"
+    )]
+    loads: Vec<String>,
+    /// Measured runs per load and engine (hub and reference alternate).
     #[arg(long = "ingest-runs", default_value_t = 5)]
     runs: usize,
     /// Also measure on this PostgreSQL server (a scratch database is created and dropped).
@@ -155,17 +156,13 @@ struct IngestArgs {
 
 impl IngestArgs {
     fn options(&self) -> anyhow::Result<ingest::Options> {
-        anyhow::ensure!(self.devices > 0, "--ingest-devices must be at least 1");
-        anyhow::ensure!(self.batches > 0, "--ingest-batches must be at least 1");
         anyhow::ensure!(self.runs > 0, "--ingest-runs must be at least 1");
-        anyhow::ensure!(
-            self.batch_minutes > 0 && 60 % self.batch_minutes == 0,
-            "--ingest-batch-minutes must divide 60 (1, 2, 5, 10, 15, 30, 60, ...)"
-        );
         Ok(ingest::Options {
-            devices: self.devices,
-            batches: self.batches,
-            batch_minutes: self.batch_minutes,
+            loads: self
+                .loads
+                .iter()
+                .map(|l| ingest::Load::parse(l))
+                .collect::<anyhow::Result<_>>()?,
             runs: self.runs,
             postgres_url: self.postgres_url.clone(),
         })
