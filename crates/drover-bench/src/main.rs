@@ -143,7 +143,7 @@ struct IngestArgs {
     #[arg(
         long = "ingest-load",
         value_delimiter = ',',
-        default_value = "128x4x60,32x60x1"
+        default_value = "128x4x60,64x15x1"
     )]
     loads: Vec<String>,
     /// Measured runs per load and engine (hub and reference alternate).
