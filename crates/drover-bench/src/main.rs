@@ -141,13 +141,14 @@ struct IngestArgs {
     /// connection), batches each sends per run, minutes of meter data per batch (60 = 5,400
     /// points, 1 = 90); each load is measured on every engine.
     #[arg(
+        id = "ingest_loads",
         long = "ingest-load",
         value_delimiter = ',',
         default_value = "128x4x60,64x15x1"
     )]
     loads: Vec<String>,
     /// Measured runs per load and engine (hub and reference alternate).
-    #[arg(long = "ingest-runs", default_value_t = 5)]
+    #[arg(id = "ingest_runs", long = "ingest-runs", default_value_t = 5)]
     runs: usize,
     /// Also measure on this PostgreSQL server (a scratch database is created and dropped).
     #[arg(long = "postgres-url", env = "DROVER_BENCH_POSTGRES_URL")]
@@ -172,11 +173,11 @@ impl IngestArgs {
 #[derive(Debug, Args)]
 struct WireArgs {
     /// Batches sent per measured kind (after the first, which opens the connection).
-    #[arg(long = "wire-batches", default_value_t = 30)]
+    #[arg(id = "wire_batches", long = "wire-batches", default_value_t = 30)]
     batches: usize,
     /// Milliseconds between batches, longer than the delayed-ACK timer so that every ACK
     /// goes out on its own as it would between batches a minute apart.
-    #[arg(long = "wire-gap-ms", default_value_t = 250)]
+    #[arg(id = "wire_gap_ms", long = "wire-gap-ms", default_value_t = 250)]
     gap_ms: u64,
 }
 
@@ -192,11 +193,11 @@ impl WireArgs {
 
 #[derive(Debug, Args)]
 struct RestArgs {
-    /// Hours of data of the one meter followed for a whole day.
-    #[arg(long = "rest-hours", default_value_t = 24)]
+    /// Hours of data each device sends, one batch an hour.
+    #[arg(id = "rest_hours", long = "rest-hours", default_value_t = 24)]
     hours: u32,
-    /// Further devices, each sending the same hours.
-    #[arg(long = "rest-devices", default_value_t = 31)]
+    /// Devices besides the first, each with its own meter.
+    #[arg(id = "rest_devices", long = "rest-devices", default_value_t = 31)]
     devices: usize,
 }
 
@@ -213,10 +214,10 @@ impl RestArgs {
 #[derive(Debug, Args)]
 struct QueryArgs {
     /// Requests per measured run and kind.
-    #[arg(long = "query-requests", default_value_t = 400)]
+    #[arg(id = "query_requests", long = "query-requests", default_value_t = 400)]
     requests: usize,
     /// Measured runs (API and raw scan alternate).
-    #[arg(long = "query-runs", default_value_t = 5)]
+    #[arg(id = "query_runs", long = "query-runs", default_value_t = 5)]
     runs: usize,
 }
 
@@ -402,4 +403,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `all` flattens every benchmark's arguments; two with the same ID (such as two `runs`
+    /// fields) would silently share one value in a release build.
+    #[test]
+    fn all_has_no_clashing_arguments() {
+        use clap::CommandFactory as _;
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from(["drover-bench", "all", "--runs", "2", "--query-runs", "3"])
+            .unwrap();
+        let Command::All { checkin, query, .. } = cli.command else {
+            panic!("not all");
+        };
+        assert_eq!((checkin.runs, query.runs), (2, 3));
+    }
 }
