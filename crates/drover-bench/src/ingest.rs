@@ -251,24 +251,13 @@ async fn measure_engine(
             );
         }
         let hub_first = checkin::hub_goes_first(i);
-        let mut hub_run = None;
-        let mut raw_run = None;
-        let mut frames = Some(work.frames);
-        for hub_turn in [hub_first, !hub_first] {
-            if hub_turn {
-                let frames = frames.take().unwrap_or_default();
-                hub_run = Some(measure_hub(&mut hub, &devices, frames).await?);
-            } else {
-                let cpu_before = procfs::cpu_ticks_tree(std::process::id())?;
-                let started = Instant::now();
-                reference.insert(&work.rows).await?;
-                let seconds = started.elapsed().as_secs_f64();
-                let cpu = procfs::cpu_ticks_tree(std::process::id())?.saturating_sub(cpu_before);
-                raw_run = Some((seconds, cpu as f64 / procfs::TICKS_PER_SEC as f64));
-            }
-        }
-        let (hub_seconds, cpu_seconds, retries) = hub_run.context("the hub's turn did not run")?;
-        let (raw_seconds, raw_cpu_seconds) = raw_run.context("the reference's turn did not run")?;
+        let ((hub_seconds, cpu_seconds, retries), (raw_seconds, raw_cpu_seconds)) = if hub_first {
+            let hub_run = measure_hub(&mut hub, &devices, work.frames).await?;
+            (hub_run, measure_reference(&reference, &work.rows).await?)
+        } else {
+            let raw_run = measure_reference(&reference, &work.rows).await?;
+            (measure_hub(&mut hub, &devices, work.frames).await?, raw_run)
+        };
         let run = Run {
             hub_first,
             hub_points_per_sec: points as f64 / hub_seconds,
@@ -381,6 +370,17 @@ async fn measure_hub(
     hub.ensure_running()?;
     let cpu_seconds = cpu_after.saturating_sub(cpu_before) as f64 / procfs::TICKS_PER_SEC as f64;
     Ok((seconds, cpu_seconds, retries))
+}
+
+/// Inserts the rows into the reference; returns the seconds it took and this process's CPU
+/// seconds meanwhile.
+async fn measure_reference(reference: &Reference, rows: &[Row]) -> anyhow::Result<(f64, f64)> {
+    let cpu_before = procfs::cpu_ticks_tree(std::process::id())?;
+    let started = Instant::now();
+    reference.insert(rows).await?;
+    let seconds = started.elapsed().as_secs_f64();
+    let cpu = procfs::cpu_ticks_tree(std::process::id())?.saturating_sub(cpu_before);
+    Ok((seconds, cpu as f64 / procfs::TICKS_PER_SEC as f64))
 }
 
 /// Every device sends its frames, one after another, all devices at once; returns the number

@@ -131,29 +131,26 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
     let mut runs = Vec::with_capacity(options.runs);
     for i in 0..options.runs {
         let api_first = checkin::hub_goes_first(i);
-        let mut api = None;
-        let mut scan = None;
-        for api_turn in [api_first, !api_first] {
-            if api_turn {
-                let one_minute =
-                    time_requests(options.requests, || api_query(&hub, &url_1m)).await?;
-                let raw_points =
-                    time_requests(options.requests.div_ceil(4), || api_query(&hub, &url_raw))
-                        .await?;
-                api = Some((one_minute, raw_points));
-            } else {
-                scan = Some(
-                    time_requests(options.requests, || async {
-                        raw.minute_averages(raw_series, from, to)
-                            .await
-                            .map(|n| (0, n))
-                    })
-                    .await?,
-                );
-            }
-        }
-        let (api_1m, api_raw) = api.context("the API's turn did not run")?;
-        let scan = scan.context("the scan's turn did not run")?;
+        let api_turn = || async {
+            let one_minute = time_requests(options.requests, || api_query(&hub, &url_1m)).await?;
+            let raw_points =
+                time_requests(options.requests.div_ceil(4), || api_query(&hub, &url_raw)).await?;
+            anyhow::Ok((one_minute, raw_points))
+        };
+        let scan_turn = || {
+            time_requests(options.requests, || async {
+                raw.minute_averages(raw_series, from, to)
+                    .await
+                    .map(|n| (0, n))
+            })
+        };
+        let ((api_1m, api_raw), scan) = if api_first {
+            let api = api_turn().await?;
+            (api, scan_turn().await?)
+        } else {
+            let scan = scan_turn().await?;
+            (api_turn().await?, scan)
+        };
         eprintln!(
             "run {}/{}: API 1m p50 {:.2} ms p99 {:.2} ms; raw scan p50 {:.2} ms p99 {:.2} ms; API raw p50 {:.2} ms",
             i + 1,
