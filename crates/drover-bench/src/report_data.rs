@@ -37,8 +37,8 @@ pub fn ingest_section(report: &ingest::Report, machine: &Machine) -> String {
                 .find(|e| e.load == *l)
                 .map_or(f64::NAN, |e| e.mean_frame_bytes);
             format!(
-                "`{l}`: {} devices each send {} batches per run of {} minute(s) of data ({} \
-                 points, {frame:.0} bytes encoded, per batch; {} points per run)",
+                "`{l}`: {} devices each send {} batches per run, each holding {} min of data \
+                 ({} points, {frame:.0} bytes encoded; {} points per run)",
                 l.devices,
                 l.batches,
                 l.minutes,
