@@ -228,9 +228,10 @@ pub fn wire_section(report: &wire::Report, machine: &Machine) -> String {
          to a `drover hub --tls-self-signed` (TLS 1.3, trusting the hub's local CA), in \
          1-minute batches (30 polls, 90 points) and 5-minute batches (150 polls, 450 points). \
          The client is set up as the agent's (`drover-agent/src/client.rs`): reqwest with \
-         rustls and ring, the safe default TLS versions, no ALPN (so HTTP/1.1), the agent's \
-         `User-Agent`, `Authorization: Bearer`, one keep-alive connection reused from batch to \
-         batch. Beside it, the same readings in the seed's JSON \
+         rustls and ring, the safe default TLS versions, ALPN offering `h2` and `http/1.1` (so \
+         HTTP/2, which the hub accepts over TLS), the agent's `User-Agent`, \
+         `Authorization: Bearer`, one keep-alive connection reused from batch to batch (the \
+         agent keeps an idle connection 10 minutes). Beside it, the same readings in the seed's JSON \
          (`POST /seed/<secret>/modbusnotification` with `{{deviceId, measurements: \
          [{{serialNumber, energy, time}}]}}`, on a fleet with the seed protocol on) sent by the \
          same client on the same kind of connection, so only the body differs. The seed's \
@@ -251,12 +252,11 @@ pub fn wire_section(report: &wire::Report, machine: &Machine) -> String {
          do not depend on the machine's load, so one run is enough). *Setup* is what a \
          connection cost besides its batches (handshakes and teardown); *amortised over 1 h* \
          adds one full setup per hour of batches; *new connection per batch* adds a resumed \
-         setup to every batch. That last column is what a device pays today at both batch \
-         sizes: the hub closes a keep-alive connection that has been idle for 30 s (hyper's \
-         header-read timeout, `HEADER_TIMEOUT` in `crates/drover-hub/src/server.rs`, which \
-         also runs between requests), and reqwest, as the agent builds it, drops idle pooled \
-         connections after 90 s, so no connection survives from one batch to the next a \
-         minute later.\n",
+         setup to every batch. That last column is what a device pays when the network (a \
+         NAT that forgets idle flows) drops the connection between batches: the agent keeps an \
+         idle connection for 10 minutes and the hub never closes an idle HTTP/2 connection \
+         (HTTP/1.1 clients are closed after 30 s idle: hyper's header-read timeout, \
+         `HEADER_TIMEOUT` in `crates/drover-hub/src/server.rs`, also runs between requests).\n",
         n = o.batches,
         gap = o.gap.as_millis(),
     );
@@ -325,9 +325,8 @@ pub fn wire_section(report: &wire::Report, machine: &Machine) -> String {
         out,
         "**Goal: at most {WIRE_GOAL_1MIN} bytes per point all-in at 1-minute batches and \
          {WIRE_GOAL_5MIN} at 5-minute batches, counted uplink on a kept-alive connection (as \
-         telemetry-anchors §2.3 counts). {}.** {one}; {five}. With a new connection for \
-         every batch, as the hub's 30-second idle timeout makes it today: {} at 1-minute and \
-         {} at 5-minute batches.\n",
+         telemetry-anchors §2.3 counts). {}.** {one}; {five}. With a new (resumed) \
+         connection for every batch: {} at 1-minute and {} at 5-minute batches.\n",
         match (one_ok, five_ok) {
             (true, true) => "Met",
             (false, false) => "Not met",

@@ -1,7 +1,7 @@
 //! Bytes per point on the wire, all-in: a device sends the synthetic 3-channel meter's
 //! readings in 1-minute and 5-minute batches over HTTPS to a hub with its own local CA, on one
 //! keep-alive connection, with a client set up as the agent's (reqwest, rustls with ring,
-//! HTTP/1.1, the agent's `User-Agent`); tcpdump captures every packet on the loopback
+//! ALPN `h2` so HTTP/2, the agent's `User-Agent`); tcpdump captures every packet on the loopback
 //! interface, and the IP packets' bytes (IP and TCP headers included) are counted uplink and
 //! downlink. Beside it, the same energy readings in the seed's JSON format
 //! (`POST /seed/<secret>/modbusnotification`) on the same kind of connection.
@@ -335,13 +335,15 @@ struct Window {
 /// Sends one kind's bodies: the first on a new connection, the steady ones on it, the last on
 /// a second connection that can resume the first's TLS session.
 async fn send_kind(ca_file: &Path, kind: &Prepared, options: &Options) -> anyhow::Result<Window> {
-    let tls = hub::rustls_config_trusting(ca_file)?;
+    let mut tls = hub::rustls_config_trusting(ca_file)?;
+    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let client = |tls: rustls::ClientConfig| {
         // The agent's client settings (drover-agent/src/client.rs).
         reqwest::Client::builder()
             .user_agent(USER_AGENT)
             .connect_timeout(Duration::from_secs(15))
             .read_timeout(Duration::from_secs(60))
+            .pool_idle_timeout(Duration::from_secs(600))
             .tls_backend_preconfigured(tls)
             .build()
             .context("building the device's HTTPS client")
