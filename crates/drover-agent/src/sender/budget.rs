@@ -15,11 +15,11 @@ use time::{Date, Month, OffsetDateTime};
 
 use crate::config::TelemetryConfig;
 
-/// The bytes a batch costs besides its body, as the agent counts them: request line and
-/// headers (with the bearer credential) about 260, the `204` answer about 100, TLS record
-/// overhead both ways about 60, and TCP/IP headers of about four packets about 200. An
-/// estimate: `drover-bench wire` measures the real figure.
-pub const REQUEST_OVERHEAD_BYTES: u64 = 620;
+/// The bytes a batch costs besides its body, both ways, on a kept-alive HTTP/2 connection over
+/// TLS: measured by `drover-bench wire` (BENCHMARKS.md section 4) as 398 bytes up and 147 down
+/// for a 106-byte body (HTTP/2 head, two TLS records, TCP/IP headers, the answer and the ACKs).
+/// An estimate for other links: a new connection costs about 2 KB more.
+pub const REQUEST_OVERHEAD_BYTES: u64 = 440;
 
 /// The calendar month (UTC) of a Unix time in ms, as `year * 12 + month - 1`.
 pub fn month_of(now_ms: i64) -> i64 {
@@ -127,8 +127,9 @@ mod tests {
             bytes_per_reading: 1.2,
         };
         let seconds = seconds_left_in_month(MID_NOVEMBER_MS);
-        // Readings alone cost 1.8 B/s; at 1-minute batches the overhead adds 620/60 B/s.
-        let at_one_minute = ((1.8 + 620.0 / 60.0) * seconds) as u64;
+        // Readings alone cost 1.8 B/s; at 1-minute batches the overhead adds O/60 B/s.
+        let overhead = REQUEST_OVERHEAD_BYTES as f64;
+        let at_one_minute = ((1.8 + overhead / 60.0) * seconds) as u64;
         let mut config = TelemetryConfig {
             monthly_budget_bytes: Some(at_one_minute * 2),
             ..TelemetryConfig::default()
@@ -136,11 +137,11 @@ mod tests {
         let ample = interval(&config, 0, MID_NOVEMBER_MS, usage);
         assert_eq!(ample, Duration::from_secs(60));
 
-        // Half of that, with half the month gone: room for 1.8 + 620/T B/s with T about 140 s.
+        // Half of that, with half of it used: room for 1.8 + O/T B/s with T about 160 s.
         config.monthly_budget_bytes = Some(at_one_minute);
         let used = at_one_minute / 2;
         let widened = interval(&config, used, MID_NOVEMBER_MS, usage);
-        let expected = 620.0 / ((at_one_minute - used) as f64 / seconds - 1.8);
+        let expected = overhead / ((at_one_minute - used) as f64 / seconds - 1.8);
         assert!(
             (widened.as_secs_f64() - expected).abs() < 1.0,
             "{widened:?} vs {expected}"
