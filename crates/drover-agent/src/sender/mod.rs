@@ -225,7 +225,10 @@ impl Sender {
                     let wait = self.backoff();
                     tokio::select! {
                         () = shutdown.cancelled() => return Ok(()),
-                        _ = self.enrolled.changed() => {}
+                        changed = self.enrolled.changed() => if changed.is_err() {
+                            // The agent is gone: nobody will enrol again.
+                            return Ok(());
+                        },
                         () = tokio::time::sleep(wait) => {}
                     }
                     Instant::now()
