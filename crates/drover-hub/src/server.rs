@@ -28,6 +28,12 @@ use tower::ServiceExt as _;
 const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a TLS handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+/// Requests one HTTP/2 connection may have in flight.
+const H2_MAX_STREAMS: u32 = 16;
+/// Silence after which the hub pings an HTTP/2 client to see whether it is still there.
+const H2_IDLE_PING: Duration = Duration::from_secs(15 * 60);
+/// How long a ping may go unanswered before the connection is closed.
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long shutdown waits for requests in flight.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -85,7 +91,14 @@ pub async fn serve(
                         if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
                             let conn = http2::Builder::new(TokioExecutor::new())
                                 .timer(TokioTimer::new())
-                                .keep_alive_interval(None)
+                                // A device sends one batch at a time; this bounds what one
+                                // connection can make the hub buffer (streams × 4 MiB bodies).
+                                .max_concurrent_streams(H2_MAX_STREAMS)
+                                // Idle connections are pinged only after a long silence (the
+                                // agent closes its own after 10 minutes), so live devices on
+                                // metered links pay nothing, and dead peers are reaped.
+                                .keep_alive_interval(H2_IDLE_PING)
+                                .keep_alive_timeout(H2_PING_TIMEOUT)
                                 .serve_connection(TokioIo::new(stream), service);
                             drive_h2(conn, &shutdown).await
                         } else {

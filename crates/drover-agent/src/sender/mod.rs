@@ -11,17 +11,23 @@
 //!
 //! **Pace.** A batch goes out every `batch_interval` (widened by the monthly budget, see
 //! [`budget`]); a backlog (after the hub was unreachable) goes back to back,
-//! `max_batch_readings` at a time. Network trouble and `5xx` back off exponentially; `503` with
-//! `Retry-After` (the hub's ingest queue is full) waits as asked.
+//! `max_batch_readings` at a time. Network trouble and `5xx` back off exponentially; `503` or
+//! `429` with `Retry-After` (the hub's ingest queue is full) waits as asked (at least 1 s, with
+//! jitter, so that devices refused together do not return together).
 //!
 //! **Refusals.** A checksum refused (damaged on the way) is sent again; a format the hub does
 //! not know yet (an agent newer than its hub) is kept and retried every few minutes; `401`/`403`
-//! wait for the main loop to enrol again or for an operator. Any other `4xx` (`413` too large,
-//! `422` timestamps the hub finds implausible, a malformed frame), or a batch the codec cannot
-//! encode, halves the batch under the same sequence number (the hub stored none of it) until
-//! the refused part is a single spool record; that record is dropped, logged as an error,
-//! counted in `refused_readings` and reported as dropped. So one bad reading costs only its
-//! own record, and never blocks the readings after it.
+//! wait for the main loop to enrol again or for an operator. `413` (too large), `422`
+//! (timestamps the hub finds implausible), a `400` naming a frame error (`batch_*`), or a
+//! batch the codec cannot encode, halves the batch under the same sequence number (the hub
+//! stored none of it) until the refused part is a single spool record; that record is dropped,
+//! logged as an error, counted in `refused_readings` and reported as dropped. So one bad
+//! reading costs only its own record, and never blocks the readings after it. Any other `4xx`
+//! (a `404` from an older hub, a proxy's answer) says nothing about the readings: they are kept
+//! and sent again after a backoff.
+//!
+//! Every change to `telemetry.json` is written before it takes effect in memory, so a failed
+//! write never leaves the sender using a number or a record range a restart would not know.
 //!
 //! [`Spool::ack`]: crate::spool::Spool::ack
 
@@ -314,7 +320,9 @@ impl Sender {
         }
         match result {
             Ok(()) => {
-                self.acknowledged(inflight, count, body_bytes).await?;
+                let through = records.last().map_or(inflight.last_id, |r| r.id);
+                self.acknowledged(inflight, through, count, body_bytes)
+                    .await?;
                 // A backlog goes at once; a partial batch waits for the interval.
                 let backlog = self.backlog().await?;
                 Ok(Outcome::Sent { more: backlog })
@@ -346,8 +354,7 @@ impl Sender {
                 seq = inflight.seq,
                 "telemetry: the batch in flight was dropped by the full spool"
             );
-            self.state.inflight = None;
-            self.save()?;
+            self.change(|s| s.inflight = None)?;
         }
         let max = self.config.max_batch_readings;
         let records = with_spool(&self.spool, move |s| s.read(0, max)).await?;
@@ -360,11 +367,13 @@ impl Sender {
             last_id: last.id,
             readings: records.iter().map(|r| r.readings.len() as u64).sum(),
         };
-        self.observe_rate(last.end_reading());
-        self.state.next_seq += 1;
-        self.state.inflight = Some(inflight);
         // Durable before it is sent: the number and the records stay together from here on.
-        self.save()?;
+        self.change(|s| {
+            s.next_seq += 1;
+            s.inflight = Some(inflight);
+        })?;
+        let appended = with_spool(&self.spool, |s| Ok(s.appended_total())).await?;
+        self.observe_rate(appended);
         Ok(Some((inflight, records)))
     }
 
@@ -381,15 +390,17 @@ impl Sender {
     }
 
     /// The hub stored the batch: move the spool past it and count the bytes.
+    /// `through` is the last record the batch really carried (the spool may have handed out
+    /// fewer records than the batch was made with, never others).
     async fn acknowledged(
         &mut self,
         inflight: Inflight,
+        through: u64,
         readings: u64,
         body_bytes: u64,
     ) -> Result<(), SenderError> {
-        with_spool(&self.spool, move |s| s.ack(inflight.last_id)).await?;
-        self.state.inflight = None;
-        self.save()?;
+        with_spool(&self.spool, move |s| s.ack(through)).await?;
+        self.change(|s| s.inflight = None)?;
         if readings > 0 {
             self.usage
                 .observe(None, Some(body_bytes as f64 / readings as f64));
@@ -410,7 +421,11 @@ impl Sender {
         records: &[Record],
         readings: u64,
     ) -> Result<Outcome, SenderError> {
-        if let Some(wait) = e.retry_after() {
+        if let (Some(wait), Some(StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS)) =
+            (e.retry_after(), e.status())
+        {
+            // Jittered, so that devices refused together do not all come back together.
+            let wait = crate::schedule::jittered(wait, Duration::from_secs(1));
             tracing::info!(error = %e, retry_in = ?wait, seq = inflight.seq, "telemetry: the hub is busy");
             return Ok(Outcome::RetryAfter(wait));
         }
@@ -433,12 +448,25 @@ impl Sender {
                 tracing::warn!(error = %e, "telemetry: the hub refused the device's credential");
                 Ok(Outcome::Unauthorized)
             }
-            None => Ok(Outcome::Failed),
-            // Too large, or something in it the hub refuses for good: halve the batch until
-            // the refused part is a single record, so that only its readings are lost.
-            Some(_) => {
+            // Too large, or something in it the hub refuses for good (a reading it finds
+            // implausible, a frame it cannot read): halve the batch until the refused part is a
+            // single record, so that only its readings are lost.
+            Some(StatusCode::PAYLOAD_TOO_LARGE) => {
                 self.shrink(inflight, records, readings, &e.to_string())
                     .await
+            }
+            Some(_)
+                if e.code() == Some("implausible_batch")
+                    || e.code().is_some_and(|c| c.starts_with("batch_")) =>
+            {
+                self.shrink(inflight, records, readings, &e.to_string())
+                    .await
+            }
+            // Anything else (a 404 from an older hub, a proxy's 400 or 421, a 415) says nothing
+            // about the readings: keep them and try again later.
+            _ => {
+                tracing::warn!(error = %e, seq = inflight.seq, "telemetry: batch not delivered; retrying later");
+                Ok(Outcome::Failed)
             }
         }
     }
@@ -453,7 +481,8 @@ impl Sender {
         why: &str,
     ) -> Result<Outcome, SenderError> {
         if records.len() < 2 {
-            self.drop_batch(inflight, readings, why).await?;
+            let through = records.last().map_or(inflight.last_id, |r| r.id);
+            self.drop_batch(inflight, through, readings, why).await?;
             return Ok(Outcome::Dropped);
         }
         tracing::warn!(
@@ -464,18 +493,23 @@ impl Sender {
         );
         let keep = &records[..records.len() / 2];
         let last_id = keep.last().map_or(inflight.first_id, |r| r.id);
-        self.state.inflight = Some(Inflight {
-            last_id,
-            readings: keep.iter().map(|r| r.readings.len() as u64).sum(),
-            ..inflight
-        });
-        self.save()?;
+        let readings = keep.iter().map(|r| r.readings.len() as u64).sum();
+        self.change(|s| {
+            s.inflight = Some(Inflight {
+                last_id,
+                readings,
+                ..inflight
+            });
+        })?;
         Ok(Outcome::Shrunk)
     }
 
+    /// Drops the batch's records (through `through`), counting them first: a crash in between
+    /// may count them twice, never zero times.
     async fn drop_batch(
         &mut self,
         inflight: Inflight,
+        through: u64,
         readings: u64,
         why: &str,
     ) -> Result<(), SenderError> {
@@ -485,10 +519,11 @@ impl Sender {
             why,
             "telemetry: the hub refused a batch for good; its readings are dropped and counted"
         );
-        with_spool(&self.spool, move |s| s.ack(inflight.last_id)).await?;
-        self.state.refused_readings = self.state.refused_readings.saturating_add(readings);
-        self.state.inflight = None;
-        self.save()?;
+        self.change(|s| {
+            s.refused_readings = s.refused_readings.saturating_add(readings);
+            s.inflight = None;
+        })?;
+        with_spool(&self.spool, move |s| s.ack(through)).await?;
         self.figures
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -506,7 +541,14 @@ impl Sender {
         figures.month_bytes = self.state.month_bytes;
     }
 
-    fn save(&self) -> Result<(), FileError> {
-        self.state.save(&self.path)
+    /// Makes `change` to a copy of the state, writes the copy, and only then keeps it: if the
+    /// write fails, the state in memory stays what is on disk, so nothing is ever sent under a
+    /// number (or a record range) that a restart would not know.
+    fn change(&mut self, change: impl FnOnce(&mut SenderState)) -> Result<(), FileError> {
+        let mut next = self.state.clone();
+        change(&mut next);
+        next.save(&self.path)?;
+        self.state = next;
+        Ok(())
     }
 }

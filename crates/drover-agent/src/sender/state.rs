@@ -55,9 +55,12 @@ impl SenderState {
         fsutil::write_json_atomic(path, self, fsutil::PUBLIC)
     }
 
-    /// Adds `bytes` to the count of `month`, starting the count over in a new month.
+    /// Adds `bytes` to the count of `month`, starting the count over in a later month. A month
+    /// earlier than the one counted (a clock that has not been set yet: a Raspberry Pi without
+    /// a real-time clock boots in the past) counts into the current count instead of resetting
+    /// it.
     pub fn count_bytes(&mut self, month: i64, bytes: u64) {
-        if month != self.month {
+        if month > self.month {
             self.month = month;
             self.month_bytes = 0;
         }
@@ -106,5 +109,8 @@ mod tests {
         assert_eq!(state.bytes_in(101), 0);
         state.count_bytes(101, 7);
         assert_eq!(state.bytes_in(101), 7);
+        // A clock set back (not yet synchronised) does not reset the count.
+        state.count_bytes(1, 3);
+        assert_eq!(state.bytes_in(101), 10);
     }
 }

@@ -39,13 +39,16 @@ fn parse_device_id(text: &str) -> Result<DeviceId, ApiError> {
 }
 
 /// The URL a seed device reaches the hub at, for absolute download URLs.
-fn base_url(hub: &HubState, headers: &HeaderMap) -> String {
+///
+/// The host comes from `Host` (HTTP/1.1) or the request's authority (HTTP/2 has no `Host`).
+fn base_url(hub: &HubState, headers: &HeaderMap, uri: &axum::http::Uri) -> String {
     if let Some(url) = &hub.config.public_url {
         return url.trim_end_matches('/').to_string();
     }
     let host = headers
         .get(header::HOST)
         .and_then(|v| v.to_str().ok())
+        .or_else(|| uri.authority().map(|a| a.as_str()))
         .unwrap_or("localhost");
     let scheme = if hub.config.tls.is_some() {
         "https"
@@ -61,6 +64,7 @@ pub async fn updateme(
     ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
     Path(secret): Path<String>,
     headers: HeaderMap,
+    uri: axum::http::Uri,
     ApiQuery(query): ApiQuery<UpdateMeQuery>,
 ) -> Result<axum::Json<UpdateMeResponse>, ApiError> {
     let fleet = fleet_for(&hub, &secret).await?;
@@ -126,7 +130,7 @@ pub async fn updateme(
         snapshot_id: Some(target.seq.to_string()),
         download_url: Some(format!(
             "{}/seed/{secret}/artifacts/{}",
-            base_url(&hub, &headers),
+            base_url(&hub, &headers, &uri),
             target.sha256
         )),
         download_type: Some(download_type.into()),
