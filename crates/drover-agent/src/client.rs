@@ -191,8 +191,9 @@ impl HubClient {
     }
 
     /// `POST /device/v1/batches`: one encoded telemetry batch. `Ok` means the hub has stored
-    /// it durably (or had stored it before: the sequence number is deduplicated).
-    pub async fn batch(&self, credential: &str, frame: Vec<u8>) -> Result<(), HubError> {
+    /// it durably, now (`None`) or before (`Some` of the highest sequence number the hub has
+    /// stored for the device: the batch's number was not new).
+    pub async fn batch(&self, credential: &str, frame: Vec<u8>) -> Result<Option<u64>, HubError> {
         let what = "telemetry batch";
         let response = self
             .http
@@ -208,7 +209,11 @@ impl HubClient {
             .await
             .map_err(|source| HubError::Network { what, source })?;
         if response.status().is_success() {
-            Ok(())
+            Ok(response
+                .headers()
+                .get("drover-last-seq")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok()))
         } else {
             Err(refusal(response, what).await)
         }

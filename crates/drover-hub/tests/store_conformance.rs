@@ -774,7 +774,7 @@ mod cases {
         assert_eq!(live.len(), 40);
         // The same batch again (its acknowledgement was lost) changes nothing.
         let (outcomes, _) = store.fold_batches(&[first]).await.unwrap();
-        assert_eq!(outcomes, vec![FoldOutcome::Duplicate]);
+        assert_eq!(outcomes, vec![FoldOutcome::Duplicate { last_seq: 1 }]);
         // A later batch overlapping the first (a resend with a new number) stores only the
         // new points; two batches in one group are both applied.
         let second = job(a, &d, 2, vec![energy("modbus-1", &points[30..50])]);
@@ -972,6 +972,6 @@ mod cases {
             .fold_batches(&[job(b, &d, 9, vec![energy("m9", &[(0, 1)])])])
             .await
             .unwrap();
-        assert_eq!(outcomes, vec![FoldOutcome::Duplicate]);
+        assert_eq!(outcomes, vec![FoldOutcome::Duplicate { last_seq: 0 }]);
     }
 }

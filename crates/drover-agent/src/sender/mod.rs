@@ -139,6 +139,10 @@ pub struct Sender {
     figures: Arc<Mutex<Figures>>,
     /// The spool's appended count when the last batch was made, for the reading rate.
     last_count: Option<(Instant, u64)>,
+    /// The sequence number of a batch made in this process and not sent yet: if the hub says
+    /// it has that number already, the device's counter is behind (its state was restored from
+    /// an old copy), not a resend after a lost answer.
+    unsent: Option<u64>,
     errors: u32,
 }
 
@@ -149,8 +153,8 @@ enum Outcome {
     Sent { more: bool },
     /// Nothing to send.
     Empty,
-    /// The batch was too large; it was made smaller and should go again now.
-    Shrunk,
+    /// The batch was changed (halved, or renumbered past the hub's counter); send it again now.
+    Again,
     /// The hub refused the batch for good; it was dropped and counted.
     Dropped,
     /// Try again after this long (the hub asked, or its queue is full).
@@ -192,6 +196,7 @@ impl Sender {
             usage: Usage::default(),
             figures,
             last_count: None,
+            unsent: None,
             errors: 0,
         };
         Ok((sender, telemetry))
@@ -221,7 +226,7 @@ impl Sender {
             });
             let now = Instant::now();
             next = match outcome {
-                Outcome::Sent { more: true } | Outcome::Shrunk | Outcome::Dropped => now,
+                Outcome::Sent { more: true } | Outcome::Again | Outcome::Dropped => now,
                 Outcome::Sent { more: false } | Outcome::Empty => now + self.interval(),
                 Outcome::RetryAfter(wait) => now + wait.min(MAX_RETRY_AFTER),
                 Outcome::Failed => now + self.backoff(),
@@ -310,16 +315,33 @@ impl Sender {
             }
         };
         let body_bytes = frame.len() as u64;
+        let first_send = self.unsent.take() == Some(inflight.seq);
         let result = self.client.batch(&enrolled.credential, frame).await;
         if result
             .as_ref()
-            .map_or_else(|e| e.status().is_some(), |()| true)
+            .map_or_else(|e| e.status().is_some(), |_| true)
         {
             // It went over the link (answered or not): it counts against the budget.
             self.count_bytes(body_bytes);
         }
         match result {
-            Ok(()) => {
+            Ok(Some(last_seq)) if first_send && last_seq >= inflight.seq => {
+                // Nothing of this batch was stored: the number was used before by a state
+                // this device no longer has. Number it past the hub's and send it again.
+                tracing::warn!(
+                    seq = inflight.seq,
+                    hub_seq = last_seq,
+                    "telemetry: the batch counter was behind the hub's (state restored from an old copy?); renumbering"
+                );
+                let seq = last_seq.saturating_add(1);
+                self.change(|s| {
+                    s.inflight = Some(Inflight { seq, ..inflight });
+                    s.next_seq = seq.saturating_add(1);
+                })?;
+                self.unsent = Some(seq);
+                Ok(Outcome::Again)
+            }
+            Ok(_) => {
                 let through = records.last().map_or(inflight.last_id, |r| r.id);
                 self.acknowledged(inflight, through, count, body_bytes)
                     .await?;
@@ -372,6 +394,7 @@ impl Sender {
             s.next_seq += 1;
             s.inflight = Some(inflight);
         })?;
+        self.unsent = Some(inflight.seq);
         let appended = with_spool(&self.spool, |s| Ok(s.appended_total())).await?;
         self.observe_rate(appended);
         Ok(Some((inflight, records)))
@@ -501,7 +524,7 @@ impl Sender {
                 ..inflight
             });
         })?;
-        Ok(Outcome::Shrunk)
+        Ok(Outcome::Again)
     }
 
     /// Drops the batch's records (through `through`), counting them first: a crash in between

@@ -460,3 +460,45 @@ async fn a_refused_reading_costs_only_its_own_record() {
     let expected: Vec<i64> = (1..=40).filter(|v| !(16..=20).contains(v)).collect();
     assert_eq!(values, expected);
 }
+
+/// The sender's state lost (or restored from an old copy) while the credential stays: its batch
+/// counter starts again below the hub's. The hub's answer to the first such batch names its
+/// highest number; the agent renumbers past it, so no new batch is taken for a resend.
+#[tokio::test]
+async fn a_batch_counter_that_went_back_is_renumbered_not_lost() {
+    let fleet = Fleet::sqlite().await;
+    let mut device = Device::new(&fleet);
+    quick(&mut device);
+    counting_meter(&mut device, Duration::from_millis(100), 1);
+    let running = device.start();
+    let id = device.wait_enrolled().await;
+    wait_until(PATIENCE, "some batches stored", || async {
+        (points(&fleet, &id, "counter-0", "energy_import")
+            .await
+            .len()
+            >= 20)
+            .then_some(())
+    })
+    .await;
+    running.stop().await;
+    std::fs::remove_file(device.config.state_dir.join("telemetry.json")).unwrap();
+
+    let running = device.start();
+    wait_until(PATIENCE, "points after the counter went back", || async {
+        (points(&fleet, &id, "counter-0", "energy_import")
+            .await
+            .len()
+            >= 40)
+            .then_some(())
+    })
+    .await;
+    running.stop().await;
+    device.config.meters.command.clear();
+    let running = device.start();
+    drained(&fleet, &id).await;
+    running.stop().await;
+    let status = device.status();
+    let telemetry = status.telemetry.unwrap();
+    assert!(telemetry.next_seq > 2, "{telemetry:?}");
+    assert_each_reading_stored_once(&fleet, &device, &id).await;
+}

@@ -13,11 +13,15 @@ use drover_protocol::reading::Reading;
 use crate::error::ApiError;
 use crate::state::{DeviceAuth, HubState};
 use crate::store::now_ms;
-use crate::telemetry::fold::{IngestJob, Point, SeriesPoints};
+use crate::telemetry::fold::{FoldOutcome, IngestJob, Point, SeriesPoints};
 use crate::telemetry::queue::QueueError;
 
 /// Readings more than this far ahead of the hub's clock are refused.
 pub const MAX_FUTURE_MS: i64 = 10 * 60 * 1000;
+
+/// The header of a `204` to a batch whose sequence number was already stored: the device's
+/// highest stored sequence number.
+pub const LAST_SEQ_HEADER: &str = "drover-last-seq";
 
 fn batch_error(err: &BatchError) -> ApiError {
     let status = if matches!(err, BatchError::TooLarge { .. }) {
@@ -89,7 +93,16 @@ pub async fn batches(
         spool_dropped: 0,
     };
     match hub.ingest.submit(job).await {
-        Ok(_) => Ok(StatusCode::NO_CONTENT.into_response()),
+        Ok(FoldOutcome::Duplicate { last_seq }) => {
+            // Stored before; the device learns the highest number stored, in case its own
+            // counter went back (see docs/protocol.md).
+            let mut response = StatusCode::NO_CONTENT.into_response();
+            response
+                .headers_mut()
+                .insert(LAST_SEQ_HEADER, HeaderValue::from(last_seq));
+            Ok(response)
+        }
+        Ok(FoldOutcome::Stored { .. }) => Ok(StatusCode::NO_CONTENT.into_response()),
         Err(QueueError::Full { retry_after }) => {
             let mut response = ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,

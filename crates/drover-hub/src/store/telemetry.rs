@@ -146,7 +146,16 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
                 if claimed.rows_affected() == 0 {
-                    outcomes.push(FoldOutcome::Duplicate);
+                    let last: Option<i64> = sqlx::query_scalar(
+                        "SELECT last_batch_seq FROM devices WHERE org_id = $1 AND id = $2",
+                    )
+                    .bind(job.org_id)
+                    .bind(job.device.as_str())
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                    outcomes.push(FoldOutcome::Duplicate {
+                        last_seq: last.map_or(0, |s| u64::try_from(s).unwrap_or(0)),
+                    });
                     continue;
                 }
             }

@@ -60,8 +60,13 @@ pub enum FoldOutcome {
         /// Backward steps of cumulative registers that were flagged.
         flags: u64,
     },
-    /// A batch with this sequence number was stored before; nothing was done.
-    Duplicate,
+    /// A batch with this sequence number (or a higher one) was stored before; nothing was done.
+    Duplicate {
+        /// The device's highest stored sequence number (0 when the device is not found), so
+        /// that a device whose counter went back (its state restored from an old copy) can
+        /// jump past it instead of having every new batch taken for a resend.
+        last_seq: u64,
+    },
 }
 
 /// A point just stored, for live charts.
