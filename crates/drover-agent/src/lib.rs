@@ -21,6 +21,7 @@
 //! - [`meters`]: meter sources (Modbus TCP, S0 pulses, commands, simulated) producing readings.
 //! - [`spool`]: meter readings on disk until the hub acknowledges them (bounded, crash-safe).
 //! - [`sender`]: batches from the spool to the hub, exactly once; the monthly data budget.
+//! - [`telemetry`]: starts and stops meters → spool → sender with the agent.
 //! - [`schedule`]: intervals, jitter, backoff.
 //! - [`crash`]: the `DROVER_AGENT_CRASH_AT` test hook.
 //! - [`mod@status`]: `drover-agent status`.
@@ -46,6 +47,7 @@ pub mod script;
 pub mod sender;
 pub mod spool;
 pub mod status;
+pub mod telemetry;
 pub mod update;
 
 #[cfg(test)]

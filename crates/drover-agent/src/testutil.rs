@@ -17,6 +17,19 @@ pub async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
     }
 }
 
+/// A meter clock stopped at one instant (June 2025), in the given state.
+#[derive(Debug)]
+pub struct FixedClock(pub drover_protocol::reading::ClockState);
+
+impl crate::meters::clock::Clock for FixedClock {
+    fn now_ms(&self) -> i64 {
+        1_750_000_000_000
+    }
+    fn state(&self) -> drover_protocol::reading::ClockState {
+        self.0
+    }
+}
+
 /// Whether a process exists and is not a zombie.
 pub fn process_alive(pid: &str) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {

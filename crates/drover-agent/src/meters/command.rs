@@ -332,19 +332,7 @@ mod tests {
     use drover_protocol::reading::ClockState;
 
     use super::*;
-    use crate::testutil::process_alive;
-
-    #[derive(Debug)]
-    struct Fixed;
-
-    impl Clock for Fixed {
-        fn now_ms(&self) -> i64 {
-            1_750_000_000_000
-        }
-        fn state(&self) -> ClockState {
-            ClockState::Unknown
-        }
-    }
+    use crate::testutil::{FixedClock, process_alive};
 
     fn source(command: &str, timeout: Duration) -> CommandSource {
         let config = CommandSourceConfig {
@@ -353,7 +341,7 @@ mod tests {
             timeout,
             ..CommandSourceConfig::default()
         };
-        CommandSource::new(&config, Arc::new(Fixed))
+        CommandSource::new(&config, Arc::new(FixedClock(ClockState::Unknown)))
     }
 
     #[test]

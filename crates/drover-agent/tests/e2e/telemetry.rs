@@ -94,6 +94,15 @@ async fn drained(fleet: &Fleet, id: &str) {
         .await;
 }
 
+/// Waits until the counting meter `counter-0` has at least `n` points stored.
+async fn wait_counted(fleet: &Fleet, id: &str, n: usize, what: &str) {
+    wait_until(PATIENCE, what, || async {
+        let stored = points(fleet, id, "counter-0", "energy_import").await.len();
+        (stored >= n).then_some(())
+    })
+    .await;
+}
+
 /// Checks the counting meter's points: all different, rising with time, and as many as the
 /// spool took in. Returns how many there are.
 async fn assert_each_reading_stored_once(fleet: &Fleet, device: &Device, id: &str) -> usize {
@@ -237,13 +246,7 @@ async fn kills_restarts_and_lost_acknowledgements_store_every_reading_exactly_on
     // batch is on the wire and others while readings are only in the spool.
     for round in 1..=5 {
         let target = round * 15;
-        wait_until(PATIENCE, "more points stored", || async {
-            let n = points(&fleet, &id, "counter-0", "energy_import")
-                .await
-                .len();
-            (n >= target).then_some(())
-        })
-        .await;
+        wait_counted(&fleet, &id, target, "more points stored").await;
         agent.kill().await.unwrap();
         agent = device.spawn(None);
     }
@@ -257,13 +260,7 @@ async fn kills_restarts_and_lost_acknowledgements_store_every_reading_exactly_on
     let before = points(&fleet, &id, "counter-0", "energy_import")
         .await
         .len();
-    wait_until(PATIENCE, "points after the hub's restart", || async {
-        let n = points(&fleet, &id, "counter-0", "energy_import")
-            .await
-            .len();
-        (n >= before + 20).then_some(())
-    })
-    .await;
+    wait_counted(&fleet, &id, before + 20, "points after the hub's restart").await;
 
     // Stop reading (the counter stays where it is), let the spool drain, then count.
     agent.kill().await.unwrap();
@@ -303,13 +300,7 @@ async fn a_full_spool_drops_the_oldest_readings_and_reports_how_many() {
     counting_meter(&mut device, Duration::from_millis(100), METERS);
     let running = device.start();
     let id = device.wait_enrolled().await;
-    wait_until(PATIENCE, "the first points", || async {
-        (!points(&fleet, &id, "counter-0", "energy_import")
-            .await
-            .is_empty())
-        .then_some(())
-    })
-    .await;
+    wait_counted(&fleet, &id, 1, "the first points").await;
     proxy.set_offline(true);
     let spool_state = device.config.state_dir.join("spool").join("state.json");
     wait_until(PATIENCE, "the spool to drop readings", || async {
@@ -472,26 +463,12 @@ async fn a_batch_counter_that_went_back_is_renumbered_not_lost() {
     counting_meter(&mut device, Duration::from_millis(100), 1);
     let running = device.start();
     let id = device.wait_enrolled().await;
-    wait_until(PATIENCE, "some batches stored", || async {
-        (points(&fleet, &id, "counter-0", "energy_import")
-            .await
-            .len()
-            >= 20)
-            .then_some(())
-    })
-    .await;
+    wait_counted(&fleet, &id, 20, "some batches stored").await;
     running.stop().await;
     std::fs::remove_file(device.config.state_dir.join("telemetry.json")).unwrap();
 
     let running = device.start();
-    wait_until(PATIENCE, "points after the counter went back", || async {
-        (points(&fleet, &id, "counter-0", "energy_import")
-            .await
-            .len()
-            >= 40)
-            .then_some(())
-    })
-    .await;
+    wait_counted(&fleet, &id, 40, "points after the counter went back").await;
     running.stop().await;
     device.config.meters.command.clear();
     let running = device.start();

@@ -213,18 +213,7 @@ mod tests {
     use drover_protocol::reading::ClockState;
 
     use super::*;
-
-    #[derive(Debug)]
-    struct Fixed;
-
-    impl Clock for Fixed {
-        fn now_ms(&self) -> i64 {
-            1_750_000_000_000
-        }
-        fn state(&self) -> ClockState {
-            ClockState::Synced
-        }
-    }
+    use crate::testutil::FixedClock;
 
     const MS: u64 = 1_000_000;
 
@@ -259,7 +248,12 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_count_persists_across_a_restart() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut source, input) = S0Source::open(&config(), dir.path(), Arc::new(Fixed)).unwrap();
+        let (mut source, input) = S0Source::open(
+            &config(),
+            dir.path(),
+            Arc::new(FixedClock(ClockState::Synced)),
+        )
+        .unwrap();
         let first = source.read();
         assert_eq!(first[0].meter.as_str(), "s0-heatpump");
         assert_eq!(
@@ -282,7 +276,12 @@ mod tests {
         drop(source);
 
         // The restart: the count continues from the file.
-        let (mut source, input) = S0Source::open(&config(), dir.path(), Arc::new(Fixed)).unwrap();
+        let (mut source, input) = S0Source::open(
+            &config(),
+            dir.path(),
+            Arc::new(FixedClock(ClockState::Synced)),
+        )
+        .unwrap();
         assert_eq!(values(&source.read())[0], (Channel::Pulses, 9, 0));
         pulses(&input, 10_000, 1);
         tokio::time::advance(Duration::from_secs(5)).await;
@@ -293,7 +292,12 @@ mod tests {
     async fn a_damaged_counter_file_is_kept_aside() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("s0-heatpump.json"), b"{\"pul").unwrap();
-        let (mut source, _) = S0Source::open(&config(), dir.path(), Arc::new(Fixed)).unwrap();
+        let (mut source, _) = S0Source::open(
+            &config(),
+            dir.path(),
+            Arc::new(FixedClock(ClockState::Synced)),
+        )
+        .unwrap();
         assert_eq!(values(&source.read())[0], (Channel::Pulses, 0, 0));
         assert!(dir.path().join("s0-heatpump.json.bad").exists());
     }
