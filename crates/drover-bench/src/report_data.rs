@@ -254,8 +254,8 @@ pub fn wire_section(report: &wire::Report, machine: &Machine) -> String {
          adds one full setup per hour of batches; *new connection per batch* adds a resumed \
          setup to every batch. That last column is what a device pays when the network (a \
          NAT that forgets idle flows) drops the connection between batches: the agent keeps an \
-         idle connection for 10 minutes and the hub never closes an idle HTTP/2 connection \
-         (HTTP/1.1 clients are closed after 30 s idle: hyper's header-read timeout, \
+         idle connection for 10 minutes and the hub keeps an idle HTTP/2 connection open, \
+         pinging it only after 15 minutes of silence (HTTP/1.1 clients are closed after 30 s idle: hyper's header-read timeout, \
          `HEADER_TIMEOUT` in `crates/drover-hub/src/server.rs`, also runs between requests).\n",
         n = o.batches,
         gap = o.gap.as_millis(),
