@@ -678,6 +678,30 @@ state_dir = "/tmp/x"
             ("[spool]\nsegment_bytes = 100", "spool.segment_bytes"),
             ("[spool]\nmax_bytes = 1048577", "spool.max_bytes"),
             ("[spool]\nsync_interval = \"2m\"", "spool.sync_interval"),
+            (
+                "[telemetry]\nbatch_interval = \"10ms\"",
+                "telemetry.batch_interval",
+            ),
+            (
+                "[telemetry]\nmax_batch_interval = \"2d\"",
+                "telemetry.max_batch_interval",
+            ),
+            (
+                "[telemetry]\nbatch_interval = \"1h\"\nmax_batch_interval = \"1m\"",
+                "telemetry.max_batch_interval",
+            ),
+            (
+                "[telemetry]\nmax_batch_readings = 0",
+                "telemetry.max_batch_readings",
+            ),
+            (
+                "[telemetry]\nmax_batch_readings = 70000",
+                "telemetry.max_batch_readings",
+            ),
+            (
+                "[telemetry]\nmonthly_budget_bytes = 0",
+                "telemetry.monthly_budget_bytes",
+            ),
         ];
         for (extra, field) in cases {
             let err = AgentConfig::parse(&format!("{MINIMAL}{extra}\n"))
