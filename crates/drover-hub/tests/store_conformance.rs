@@ -77,6 +77,7 @@ conformance!(
     batches_fold_into_chunks_and_rollups_exactly_once,
     registers_going_backwards_are_flagged,
     series_are_filtered_and_kept_apart,
+    small_batches_are_appended_then_recoded_into_the_same_data,
 );
 
 mod cases {
@@ -973,5 +974,128 @@ mod cases {
             .await
             .unwrap();
         assert_eq!(outcomes, vec![FoldOutcome::Duplicate { last_seq: 0 }]);
+    }
+
+    pub async fn small_batches_are_appended_then_recoded_into_the_same_data(store: &Store) {
+        use drover_hub::store::{CHUNK_MAX_PIECES, CHUNK_WINDOW_MS, ROLLUP_MAX_PIECES};
+        use drover_hub::telemetry::rollup::RESOLUTIONS;
+        let (a, d) = enrolled(store, "a").await;
+        let power = |points: &[(i64, i64)]| SeriesPoints {
+            channel: Channel::Power,
+            ..energy("m", points)
+        };
+        // Two and a half hours of a 2-second power reading, in one-minute batches of 30.
+        let start = CHUNK_WINDOW_MS * 100;
+        let all: Vec<(i64, i64)> = (0..4500)
+            .map(|i| (start + i * 2_000, (i * 7_919) % 1_000 - 300))
+            .collect();
+        let batches: Vec<&[(i64, i64)]> = all.chunks(30).collect();
+        let mut seq = 0;
+        let mut next = |points: &[(i64, i64)]| {
+            seq += 1;
+            job(a, &d, seq, vec![power(points)])
+        };
+        // In the second hour every tenth batch is held back and comes last (out of order: the
+        // slow path), and some pairs of batches are stored in one group. The first hour is
+        // only ever appended to, and the third stays open.
+        let mut late = Vec::new();
+        let mut i = 0;
+        while i < batches.len() {
+            if i % 10 == 5 && (60..120).contains(&i) {
+                late.push(batches[i]);
+                i += 1;
+            } else if i % 10 == 7 && i + 1 < batches.len() {
+                let group = [next(batches[i]), next(batches[i + 1])];
+                let (outcomes, _) = store.fold_batches(&group).await.unwrap();
+                assert_eq!(outcomes.len(), 2);
+                i += 2;
+            } else {
+                let (outcomes, live) = store.fold_batches(&[next(batches[i])]).await.unwrap();
+                assert_eq!(
+                    outcomes,
+                    vec![FoldOutcome::Stored {
+                        points: 30,
+                        flags: 0
+                    }]
+                );
+                assert_eq!(live.len(), 30);
+                i += 1;
+            }
+        }
+        let group: Vec<IngestJob> = late.iter().map(|points| next(points)).collect();
+        let (outcomes, _) = store.fold_batches(&group).await.unwrap();
+        assert!(
+            outcomes.iter().all(|o| *o
+                == FoldOutcome::Stored {
+                    points: 30,
+                    flags: 0
+                }),
+            "{outcomes:?}"
+        );
+        // A resend under a new number, and one overlapping the end, add only what is new.
+        let mut overlap = all[4_480..].to_vec();
+        overlap.push((start + 4_500 * 2_000, 7));
+        let (outcomes, _) = store
+            .fold_batches(&[next(batches[40]), next(&overlap)])
+            .await
+            .unwrap();
+        assert_eq!(
+            outcomes,
+            vec![
+                FoldOutcome::Stored {
+                    points: 0,
+                    flags: 0
+                },
+                FoldOutcome::Stored {
+                    points: 1,
+                    flags: 0
+                }
+            ]
+        );
+        let mut expected = all.clone();
+        expected.push((start + 4_500 * 2_000, 7));
+
+        let s = store
+            .list_series(a, &SeriesFilter::default())
+            .await
+            .unwrap()
+            .remove(0);
+        assert_eq!(
+            (s.points, s.first_ts, s.last_ts, s.last_value),
+            (4_501, Some(start), Some(start + 9_000_000), Some(7))
+        );
+        let stored = store.points(a, s.id, 0, i64::MAX).await.unwrap();
+        assert_eq!(
+            stored.iter().map(|p| (p.ts, p.value)).collect::<Vec<_>>(),
+            expected
+        );
+        for resolution in RESOLUTIONS {
+            assert_eq!(
+                store
+                    .buckets(a, s.id, resolution, 0, i64::MAX)
+                    .await
+                    .unwrap(),
+                aggregate(&expected, resolution),
+                "{resolution:?}"
+            );
+            for row in store.stored_rows(a, s.id, Some(resolution)).await.unwrap() {
+                assert!(row.pieces < ROLLUP_MAX_PIECES, "{resolution:?} {row:?}");
+            }
+        }
+        // The closed hours are stored as one chunk each, as compact as coding them at once;
+        // the open one holds a few appended pieces at most.
+        let rows = store.stored_rows(a, s.id, None).await.unwrap();
+        assert_eq!(rows.len(), 3, "{rows:?}");
+        for (hour, row) in rows.iter().enumerate().take(2) {
+            let from = start + hour as i64 * CHUNK_WINDOW_MS;
+            let points = store
+                .points(a, s.id, from, from + CHUNK_WINDOW_MS)
+                .await
+                .unwrap();
+            assert_eq!(points.len(), 1_800);
+            let one = drover_hub::telemetry::chunk::encode_points(&points);
+            assert_eq!((row.pieces, row.bytes), (1, one.len() as i64), "{row:?}");
+        }
+        assert!(rows[2].pieces < CHUNK_MAX_PIECES, "{:?}", rows[2]);
     }
 }

@@ -56,6 +56,50 @@ pub fn encode_columns(columns: &[Vec<i64>]) -> Vec<u8> {
     bytes
 }
 
+/// Decodes chunks stored back to back (the store appends a chunk of new rows to an open row
+/// instead of re-coding it), each holding `expected_columns` columns; returns the columns of all
+/// of them, one chunk's rows after the other's. A single chunk decodes as itself.
+///
+/// ```
+/// use drover_protocol::chunk::{decode_appended, encode_columns};
+/// let mut blob = encode_columns(&[vec![1, 2], vec![10, 20]]);
+/// blob.extend(encode_columns(&[vec![3], vec![30]]));
+/// assert_eq!(decode_appended(&blob, 2).unwrap(), vec![vec![1, 2, 3], vec![10, 20, 30]]);
+/// ```
+pub fn decode_appended(bytes: &[u8], expected_columns: usize) -> Result<Vec<Vec<i64>>, BatchError> {
+    let mut columns = vec![Vec::new(); expected_columns];
+    let mut offset = 0;
+    let mut total_rows = 0usize;
+    while offset < bytes.len() {
+        let rest = &bytes[offset..];
+        let mut r = BitReader::new(rest, offset);
+        let block = read_columns(&mut r, expected_columns)?;
+        let body_len = r.align()?;
+        let Some(crc) = rest.get(body_len..body_len + 4) else {
+            return Err(BatchError::Truncated {
+                offset: bytes.len(),
+            });
+        };
+        let expected = u32::from_be_bytes([crc[0], crc[1], crc[2], crc[3]]);
+        let actual = crc32fast::hash(&rest[..body_len]);
+        if expected != actual {
+            return Err(BatchError::BadChecksum { expected, actual });
+        }
+        total_rows += block.first().map_or(0, Vec::len);
+        if total_rows > MAX_ROWS {
+            return Err(BatchError::Invalid("appended chunks hold too many rows"));
+        }
+        for (all, part) in columns.iter_mut().zip(block) {
+            all.extend(part);
+        }
+        offset += body_len + 4;
+    }
+    if offset == 0 {
+        return Err(BatchError::Truncated { offset: 0 });
+    }
+    Ok(columns)
+}
+
 /// Decodes a chunk that must hold `expected_columns` columns.
 pub fn decode_columns(bytes: &[u8], expected_columns: usize) -> Result<Vec<Vec<i64>>, BatchError> {
     let Some(body_len) = bytes.len().checked_sub(4) else {
@@ -70,6 +114,16 @@ pub fn decode_columns(bytes: &[u8], expected_columns: usize) -> Result<Vec<Vec<i
         return Err(BatchError::BadChecksum { expected, actual });
     }
     let mut r = BitReader::new(body, 0);
+    let columns = read_columns(&mut r, expected_columns)?;
+    r.finish()?;
+    Ok(columns)
+}
+
+/// Reads one chunk's header and columns (not its padding or checksum).
+fn read_columns(
+    r: &mut BitReader<'_>,
+    expected_columns: usize,
+) -> Result<Vec<Vec<i64>>, BatchError> {
     let version = r.bits(8)? as u8;
     if version != CHUNK_VERSION {
         return Err(BatchError::UnsupportedVersion(version));
@@ -93,10 +147,9 @@ pub fn decode_columns(bytes: &[u8], expected_columns: usize) -> Result<Vec<Vec<i
             return Err(r.truncated());
         }
         let mut values = Vec::new();
-        column::read(&mut r, rows, 0, &mut values)?;
+        column::read(r, rows, 0, &mut values)?;
         columns.push(values);
     }
-    r.finish()?;
     Ok(columns)
 }
 
@@ -120,6 +173,36 @@ mod tests {
         assert_eq!(decode_columns(&blob, 3).unwrap(), columns);
         let per_point = blob.len() as f64 / power.len() as f64;
         assert!(per_point < 1.5, "{per_point:.2} bytes per point at rest");
+    }
+
+    #[test]
+    fn appended_chunks_decode_in_order_and_damage_is_caught() {
+        let a = encode_columns(&[vec![1, 2, 3], vec![-5, 0, 5]]);
+        let b = encode_columns(&[vec![4], vec![i64::MAX]]);
+        let c = encode_columns(&[vec![], vec![]]);
+        let blob = [a.clone(), b, c].concat();
+        assert_eq!(
+            decode_appended(&blob, 2).unwrap(),
+            vec![vec![1, 2, 3, 4], vec![-5, 0, 5, i64::MAX]]
+        );
+        assert_eq!(
+            decode_appended(&a, 2).unwrap(),
+            decode_columns(&a, 2).unwrap()
+        );
+        for cut in 0..blob.len() {
+            // Cutting at a boundary between chunks leaves valid (shorter) data; anywhere else
+            // is an error.
+            if cut == a.len() {
+                continue;
+            }
+            assert!(decode_appended(&blob[..cut], 2).is_err(), "cut at {cut}");
+        }
+        for i in 0..blob.len() {
+            let mut flipped = blob.clone();
+            flipped[i] ^= 0x04;
+            assert!(decode_appended(&flipped, 2).is_err(), "flip at {i}");
+        }
+        assert!(decode_appended(&blob, 3).is_err());
     }
 
     #[test]

@@ -50,6 +50,12 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "devices report their telemetry status",
         template: "ALTER TABLE devices ADD COLUMN telemetry TEXT;",
     },
+    Migration {
+        version: 4,
+        name: "chunk and rollup rows count the pieces appended to them",
+        template: "ALTER TABLE chunks ADD COLUMN blocks BIGINT NOT NULL DEFAULT 1;
+                   ALTER TABLE rollups ADD COLUMN blocks BIGINT NOT NULL DEFAULT 1;",
+    },
 ];
 
 /// The initial schema, with `{pk}` standing for the engine's auto-increment primary key.

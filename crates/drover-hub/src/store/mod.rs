@@ -16,6 +16,7 @@
 mod attempts;
 mod devices;
 mod fleets;
+mod ingest;
 pub mod migrations;
 mod orgs;
 mod releases;
@@ -35,11 +36,12 @@ pub use devices::{
     Presence, Reported, SeedCheckin,
 };
 pub use fleets::{Fleet, FleetPatch, NewFleet};
+pub use ingest::{CHUNK_MAX_PIECES, ROLLUP_MAX_PIECES};
 pub use orgs::{ApiToken, Org};
 pub use releases::{NewRelease, Release};
 pub use reports::ReportRow;
 pub use sites::{Site, SitePatch};
-pub use telemetry::{CHUNK_WINDOW_MS, Series, SeriesFilter, rescale, rollup_window_ms};
+pub use telemetry::{CHUNK_WINDOW_MS, Series, SeriesFilter, StoredRow, rescale, rollup_window_ms};
 
 /// Which database engine a [`Store`] runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

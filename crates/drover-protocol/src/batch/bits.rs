@@ -274,6 +274,16 @@ impl<'a> BitReader<'a> {
         Ok(q << k | low)
     }
 
+    /// Skips the zero padding to the next byte boundary and returns how many bytes have been
+    /// read, for formats that put several bit strings back to back.
+    pub(crate) fn align(&mut self) -> Result<usize, BatchError> {
+        let pad = (8 - self.pos % 8) % 8;
+        if self.bits(pad as u32)? != 0 {
+            return Err(BatchError::Invalid("the padding bits are not zero"));
+        }
+        Ok(self.pos / 8)
+    }
+
     /// Checks that only zero padding (fewer than 8 bits) is left.
     pub(crate) fn finish(self) -> Result<(), BatchError> {
         let rest = self.remaining();

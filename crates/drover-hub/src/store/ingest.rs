@@ -1,0 +1,845 @@
+//! The store's write path: [`Store::fold_batches`] folds a group of checked batches into series,
+//! chunks and rollups in one transaction, with a handful of multi-row statements per group
+//! rather than a few per batch and series.
+//!
+//! Per group:
+//! 1. **Claim** each batch's sequence number: the devices' last numbers are read at once, the
+//!    batches are walked in order in memory (a number not above the device's last is a
+//!    duplicate and changes nothing), and the claimed numbers are written back at once.
+//! 2. **Series**: the group's series are read at once; missing ones are created at once.
+//! 3. **Points**: a point later than everything its series holds (the usual case: a device
+//!    sends its readings in order) is new by construction, and its chunk row is *appended to*:
+//!    the new points are coded as a small chunk and added to the end of the row's blob, without
+//!    reading or re-coding what the row already holds. A point at or before its series' last
+//!    time (a resend, or a meter catching up out of order) sends its whole window down the slow
+//!    path: the row is read, the point is skipped if its time is already there (the first write
+//!    wins, so a resent reading is never counted twice), and the row is re-coded as one chunk.
+//! 4. **Rollups**: the buckets of the points really added are appended to their rollup rows the
+//!    same way (buckets of one start appended separately merge exactly when read).
+//! 5. A row is re-coded as one chunk when it holds [`CHUNK_MAX_PIECES`] (chunks) or
+//!    [`ROLLUP_MAX_PIECES`] (rollups) pieces, and a series' previous chunk is re-coded when the
+//!    series moves on to a new window, so closed windows are stored as compactly as before and
+//!    the cost of a batch follows its own size, not the size of the rows it lands in.
+//!
+//! Flags (cumulative registers going backwards) and the series' first/last/count are worked out
+//! in memory in batch order, exactly as if the batches had been stored one by one.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use drover_protocol::reading::Channel;
+use sqlx::Row as _;
+
+use super::telemetry::{CHUNK_WINDOW_MS, Series, rescale, rollup_window_ms, series_from_row};
+use super::{Engine, Store, StoreError, StoreResult, now_ms};
+use crate::telemetry::chunk;
+use crate::telemetry::energy::{Anomaly, step_energy};
+use crate::telemetry::fold::{FoldOutcome, IngestJob, LivePoint, Point};
+use crate::telemetry::rollup::{RESOLUTIONS, aggregate};
+
+/// An open chunk row is re-coded as one chunk once it holds this many appended pieces.
+pub const CHUNK_MAX_PIECES: i64 = 8;
+/// An open rollup row is re-coded as one chunk once it holds this many appended pieces.
+pub const ROLLUP_MAX_PIECES: i64 = 16;
+/// Rows per multi-row statement: far below both engines' limits on bound parameters (32766 for
+/// SQLite, 65535 for PostgreSQL) at the widest row written here (8 columns).
+const ROWS_PER_STATEMENT: usize = 500;
+
+/// `($1, $2), ($3, $4), ...`: `rows` tuples of `columns` placeholders.
+fn placeholders(rows: usize, columns: usize) -> String {
+    let mut out = String::with_capacity(rows * columns * 5);
+    for r in 0..rows {
+        if r > 0 {
+            out.push_str(", ");
+        }
+        out.push('(');
+        for c in 0..columns {
+            if c > 0 {
+                out.push_str(", ");
+            }
+            out.push('$');
+            out.push_str(&(r * columns + c + 1).to_string());
+        }
+        out.push(')');
+    }
+    out
+}
+
+/// The chunk window holding `ts`.
+fn window_of(ts: i64) -> i64 {
+    ts.div_euclid(CHUNK_WINDOW_MS) * CHUNK_WINDOW_MS
+}
+
+/// A series being written by a group: its row as it will be after the group, and what changes.
+struct Work {
+    /// The series' row, updated in memory batch by batch.
+    series: Series,
+    /// Its last time before the group.
+    last_ts_before: Option<i64>,
+    /// Points changed before it.
+    points_before: i64,
+    /// Windows on the slow path: every point of the window, read from the row and merged.
+    slow: BTreeMap<i64, Vec<Point>>,
+    /// Slow windows that gained a point.
+    slow_changed: BTreeSet<i64>,
+    /// Windows on the fast path: the new points to append, in time order.
+    fresh: BTreeMap<i64, Vec<Point>>,
+    /// Every point added by the group, for the rollups.
+    added: Vec<(i64, i64)>,
+}
+
+/// A backward step of a cumulative register, to be recorded.
+struct FlagRow {
+    org_id: i64,
+    series_id: i64,
+    kind: &'static str,
+    from: (i64, i64),
+    to: (i64, i64),
+}
+
+/// A chunk or rollup row to write.
+struct BlobRow {
+    series_id: i64,
+    org_id: i64,
+    /// `None` for chunks, the resolution's name for rollups.
+    resolution: Option<&'static str>,
+    window_start: i64,
+    points: i64,
+    first_ts: i64,
+    last_ts: i64,
+    data: Vec<u8>,
+}
+
+impl Store {
+    /// Folds a group of checked batches into the store in one transaction; see the module
+    /// docs. Returns each batch's outcome, in order, and the points stored.
+    pub async fn fold_batches(
+        &self,
+        jobs: &[IngestJob],
+    ) -> StoreResult<(Vec<FoldOutcome>, Vec<LivePoint>)> {
+        // On SQLite the write lock is taken up front: the group reads before it writes, and a
+        // read transaction that later wants to write can be refused (busy) without waiting if
+        // another connection wrote in between.
+        let mut tx = match self.engine {
+            Engine::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            Engine::Postgres => self.pool.begin().await?,
+        };
+        let now = now_ms();
+        let claims = claim(&mut tx, jobs).await?;
+        let mut works = self.series_for_group(&mut tx, jobs, &claims, now).await?;
+        let index_of: HashMap<(&str, &str, &str), usize> = works
+            .iter()
+            .enumerate()
+            .map(|(i, w)| {
+                (
+                    (
+                        w.series.device.as_str(),
+                        w.series.meter.as_str(),
+                        w.series.channel.as_str(),
+                    ),
+                    i,
+                )
+            })
+            .collect();
+
+        // Rescale and sort each batch's points, and find the windows that need the slow path:
+        // those with a point not later than everything before it.
+        let mut prepared: Vec<Vec<(usize, Channel, Vec<Point>)>> = Vec::with_capacity(jobs.len());
+        let mut running: Vec<Option<i64>> = works.iter().map(|w| w.series.last_ts).collect();
+        let mut slow_windows: BTreeSet<(usize, i64)> = BTreeSet::new();
+        for (job, claim) in jobs.iter().zip(&claims) {
+            let mut mine = Vec::new();
+            if claim.is_none() {
+                for sp in &job.series {
+                    let key = (job.device.as_str(), sp.meter.as_str(), sp.channel.name());
+                    let Some(&index) = index_of.get(&key) else {
+                        return Err(StoreError::Corrupt(format!(
+                            "series {}/{}/{} vanished while storing a batch",
+                            key.0, key.1, key.2
+                        )));
+                    };
+                    let scale = i8::try_from(works[index].series.scale).unwrap_or(0);
+                    let mut points: Vec<Point> = sp
+                        .points
+                        .iter()
+                        .map(|p| Point {
+                            value: rescale(p.value, sp.scale, scale),
+                            ..*p
+                        })
+                        .collect();
+                    points.sort_by_key(|p| p.ts);
+                    points.dedup_by_key(|p| p.ts);
+                    for p in &points {
+                        match running[index] {
+                            Some(last) if p.ts <= last => {
+                                slow_windows.insert((index, window_of(p.ts)));
+                            }
+                            _ => running[index] = Some(p.ts),
+                        }
+                    }
+                    mine.push((index, sp.channel, points));
+                }
+            }
+            prepared.push(mine);
+        }
+        load_slow_windows(&mut tx, &mut works, &slow_windows).await?;
+
+        // Walk the batches in order, as if each were stored alone.
+        let mut outcomes = Vec::with_capacity(jobs.len());
+        let mut live = Vec::new();
+        let mut flags = Vec::new();
+        for ((job, claim), mine) in jobs.iter().zip(&claims).zip(prepared) {
+            if let Some(duplicate) = claim {
+                outcomes.push(*duplicate);
+                continue;
+            }
+            let mut stored = 0u64;
+            let mut flagged = 0u64;
+            for (index, channel, points) in mine {
+                let work = &mut works[index];
+                let mut added = Vec::new();
+                for p in points {
+                    let window = window_of(p.ts);
+                    if let Some(existing) = work.slow.get_mut(&window) {
+                        if let Err(i) = existing.binary_search_by_key(&p.ts, |q| q.ts) {
+                            existing.insert(i, p);
+                            work.slow_changed.insert(window);
+                            added.push(p);
+                        }
+                    } else {
+                        work.fresh.entry(window).or_default().push(p);
+                        added.push(p);
+                    }
+                }
+                if added.is_empty() {
+                    continue;
+                }
+                flagged += flag_steps(&work.series, &added, &mut flags);
+                let series = &mut work.series;
+                let (first, last) = (added[0], added[added.len() - 1]);
+                series.first_ts = Some(series.first_ts.map_or(first.ts, |ts| ts.min(first.ts)));
+                if series.last_ts.is_none_or(|ts| last.ts > ts) {
+                    series.last_ts = Some(last.ts);
+                    series.last_value = Some(last.value);
+                }
+                series.points += added.len() as i64;
+                stored += added.len() as u64;
+                let factor = 10f64.powi(i32::try_from(series.scale).unwrap_or(0));
+                live.extend(added.iter().map(|p| LivePoint {
+                    org_id: job.org_id,
+                    series: series.id,
+                    device: series.device.clone(),
+                    meter: series.meter.clone(),
+                    channel,
+                    ts: p.ts,
+                    value: p.value as f64 * factor,
+                }));
+                work.added.extend(added.iter().map(|p| (p.ts, p.value)));
+            }
+            outcomes.push(FoldOutcome::Stored {
+                points: stored,
+                flags: flagged,
+            });
+        }
+
+        self.write_chunks(&mut tx, &works).await?;
+        self.write_rollups(&mut tx, &works).await?;
+        insert_flags(&mut tx, &flags, now).await?;
+        update_series(&mut tx, &works).await?;
+        tx.commit().await?;
+        Ok((outcomes, live))
+    }
+
+    /// The series of a group's claimed batches, created where missing.
+    async fn series_for_group(
+        &self,
+        tx: &mut sqlx::AnyConnection,
+        jobs: &[IngestJob],
+        claims: &[Option<FoldOutcome>],
+        now: i64,
+    ) -> StoreResult<Vec<Work>> {
+        // (org, device, meter, channel, scale), in first-seen order.
+        let mut wanted: Vec<(i64, String, String, Channel, i8)> = Vec::new();
+        let mut seen: std::collections::HashSet<(&str, &str, Channel)> = Default::default();
+        for (job, claim) in jobs.iter().zip(claims) {
+            if claim.is_some() {
+                continue;
+            }
+            for sp in &job.series {
+                if seen.insert((job.device.as_str(), sp.meter.as_str(), sp.channel)) {
+                    wanted.push((
+                        job.org_id,
+                        job.device.as_str().to_owned(),
+                        sp.meter.as_str().to_owned(),
+                        sp.channel,
+                        sp.scale,
+                    ));
+                }
+            }
+        }
+        let mut found = select_series(tx, &wanted).await?;
+        let have: std::collections::HashSet<(&str, &str, &str)> = found
+            .iter()
+            .map(|s| (s.device.as_str(), s.meter.as_str(), s.channel.as_str()))
+            .collect();
+        let missing: Vec<_> = wanted
+            .iter()
+            .filter(|(_, d, m, c, _)| !have.contains(&(d.as_str(), m.as_str(), c.name())))
+            .cloned()
+            .collect();
+        drop(have);
+        if !missing.is_empty() {
+            for part in missing.chunks(ROWS_PER_STATEMENT) {
+                let sql = format!(
+                    "INSERT INTO series (org_id, device_id, meter, channel, unit, scale, points,
+                        created_at)
+                     VALUES {}
+                     ON CONFLICT (device_id, meter, channel) DO NOTHING",
+                    placeholders(part.len(), 8)
+                );
+                let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+                for (org, device, meter, channel, scale) in part {
+                    query = query
+                        .bind(*org)
+                        .bind(device.as_str())
+                        .bind(meter.as_str())
+                        .bind(channel.name())
+                        .bind(channel.unit().symbol())
+                        .bind(i64::from(*scale))
+                        .bind(0i64)
+                        .bind(now);
+                }
+                query.execute(&mut *tx).await?;
+            }
+            found.extend(select_series(tx, &missing).await?);
+        }
+        Ok(found
+            .into_iter()
+            .map(|series| Work {
+                last_ts_before: series.last_ts,
+                points_before: series.points,
+                series,
+                slow: BTreeMap::new(),
+                slow_changed: BTreeSet::new(),
+                fresh: BTreeMap::new(),
+                added: Vec::new(),
+            })
+            .collect())
+    }
+
+    /// Appends fast-path points, rewrites slow-path windows, and re-codes the rows that grew
+    /// too many pieces or whose window is over.
+    async fn write_chunks(&self, tx: &mut sqlx::AnyConnection, works: &[Work]) -> StoreResult<()> {
+        let mut appends = Vec::new();
+        let mut rewrites = Vec::new();
+        let mut recode: BTreeSet<(i64, i64)> = BTreeSet::new();
+        for work in works {
+            let s = &work.series;
+            for (&window, points) in &work.fresh {
+                appends.push(points_row(s, window, points));
+            }
+            for &window in &work.slow_changed {
+                rewrites.push(points_row(s, window, &work.slow[&window]));
+            }
+            // The series moved on to a new window: its previous one is over.
+            if let Some(before) = work.last_ts_before.map(window_of)
+                && work.fresh.keys().any(|&w| w > before)
+            {
+                recode.insert((s.id, before));
+            }
+        }
+        for (series_id, window_start, pieces) in self.append_rows(tx, &appends).await? {
+            if pieces >= CHUNK_MAX_PIECES {
+                recode.insert((series_id, window_start));
+            }
+        }
+        replace_rows(tx, &rewrites).await?;
+        let recode: Vec<(i64, i64)> = recode.into_iter().collect();
+        let mut recoded = Vec::new();
+        for part in recode.chunks(ROWS_PER_STATEMENT) {
+            let sql = format!(
+                "SELECT series_id, window_start, org_id, data FROM chunks
+                 WHERE blocks > 1 AND (series_id, window_start) IN (VALUES {})",
+                placeholders(part.len(), 2)
+            );
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for (series_id, window_start) in part {
+                query = query.bind(*series_id).bind(*window_start);
+            }
+            for row in query.fetch_all(&mut *tx).await? {
+                let data: Vec<u8> = row.try_get("data")?;
+                let points = chunk::decode_points(&data)?;
+                let (Some(first), Some(last)) = (points.first(), points.last()) else {
+                    continue;
+                };
+                recoded.push(BlobRow {
+                    series_id: row.try_get("series_id")?,
+                    org_id: row.try_get("org_id")?,
+                    resolution: None,
+                    window_start: row.try_get("window_start")?,
+                    points: points.len() as i64,
+                    first_ts: first.ts,
+                    last_ts: last.ts,
+                    data: chunk::encode_points(&points),
+                });
+            }
+        }
+        replace_rows(tx, &recoded).await
+    }
+
+    /// Appends the buckets of the added points to their rollup rows, and re-codes the rows that
+    /// grew too many pieces.
+    async fn write_rollups(&self, tx: &mut sqlx::AnyConnection, works: &[Work]) -> StoreResult<()> {
+        let mut appends = Vec::new();
+        for work in works {
+            if work.added.is_empty() {
+                continue;
+            }
+            for resolution in RESOLUTIONS {
+                let window_ms = rollup_window_ms(resolution);
+                let mut by_window: BTreeMap<i64, Vec<_>> = BTreeMap::new();
+                for bucket in aggregate(&work.added, resolution) {
+                    by_window
+                        .entry(bucket.start.div_euclid(window_ms) * window_ms)
+                        .or_default()
+                        .push(bucket);
+                }
+                for (window_start, buckets) in by_window {
+                    appends.push(BlobRow {
+                        series_id: work.series.id,
+                        org_id: work.series.org_id,
+                        resolution: Some(resolution.name()),
+                        window_start,
+                        points: 0,
+                        first_ts: 0,
+                        last_ts: 0,
+                        data: chunk::encode_buckets(&buckets),
+                    });
+                }
+            }
+        }
+        let mut recode = Vec::new();
+        for part in appends.chunks(ROWS_PER_STATEMENT) {
+            let sql = format!(
+                "INSERT INTO rollups (series_id, resolution, window_start, org_id, data, blocks)
+                 VALUES {}
+                 ON CONFLICT (series_id, resolution, window_start) DO UPDATE SET
+                    data = CAST(rollups.data || excluded.data AS {}),
+                    blocks = rollups.blocks + 1
+                 RETURNING series_id, resolution, window_start, blocks",
+                placeholders(part.len(), 6),
+                self.blob_type()
+            );
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for row in part {
+                query = query
+                    .bind(row.series_id)
+                    .bind(row.resolution.unwrap_or_default())
+                    .bind(row.window_start)
+                    .bind(row.org_id)
+                    .bind(row.data.as_slice())
+                    .bind(1i64);
+            }
+            for row in query.fetch_all(&mut *tx).await? {
+                let pieces: i64 = row.try_get("blocks")?;
+                if pieces >= ROLLUP_MAX_PIECES {
+                    recode.push((
+                        row.try_get::<i64, _>("series_id")?,
+                        row.try_get::<String, _>("resolution")?,
+                        row.try_get::<i64, _>("window_start")?,
+                    ));
+                }
+            }
+        }
+        for (series_id, resolution, window_start) in recode {
+            let data: Vec<u8> = sqlx::query_scalar(
+                "SELECT data FROM rollups
+                 WHERE series_id = $1 AND resolution = $2 AND window_start = $3",
+            )
+            .bind(series_id)
+            .bind(resolution.as_str())
+            .bind(window_start)
+            .fetch_one(&mut *tx)
+            .await?;
+            let buckets = chunk::decode_buckets(&data)?;
+            sqlx::query(
+                "UPDATE rollups SET data = $1, blocks = 1
+                 WHERE series_id = $2 AND resolution = $3 AND window_start = $4",
+            )
+            .bind(chunk::encode_buckets(&buckets))
+            .bind(series_id)
+            .bind(resolution.as_str())
+            .bind(window_start)
+            .execute(&mut *tx)
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Appends pieces to chunk rows (creating rows that do not exist); returns each row's
+    /// `(series, window, pieces)` afterwards.
+    async fn append_rows(
+        &self,
+        tx: &mut sqlx::AnyConnection,
+        rows: &[BlobRow],
+    ) -> StoreResult<Vec<(i64, i64, i64)>> {
+        let mut out = Vec::with_capacity(rows.len());
+        for part in rows.chunks(ROWS_PER_STATEMENT) {
+            // Every appended point is later than what the row holds, so `first_ts` stays and
+            // `last_ts` is the piece's.
+            let sql = format!(
+                "INSERT INTO chunks (series_id, window_start, org_id, points, first_ts, last_ts,
+                    data, blocks)
+                 VALUES {}
+                 ON CONFLICT (series_id, window_start) DO UPDATE SET
+                    points = chunks.points + excluded.points,
+                    last_ts = excluded.last_ts,
+                    data = CAST(chunks.data || excluded.data AS {}),
+                    blocks = chunks.blocks + 1
+                 RETURNING series_id, window_start, blocks",
+                placeholders(part.len(), 8),
+                self.blob_type()
+            );
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for row in part {
+                query = bind_chunk_row(query, row);
+            }
+            for row in query.fetch_all(&mut *tx).await? {
+                out.push((
+                    row.try_get("series_id")?,
+                    row.try_get("window_start")?,
+                    row.try_get("blocks")?,
+                ));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The engine's name for a binary column type.
+    fn blob_type(&self) -> &'static str {
+        match self.engine {
+            Engine::Sqlite => "BLOB",
+            Engine::Postgres => "BYTEA",
+        }
+    }
+}
+
+/// Claims each batch's sequence number, in order; `None` for a batch to store, the duplicate
+/// outcome for one that is not.
+async fn claim(
+    tx: &mut sqlx::AnyConnection,
+    jobs: &[IngestJob],
+) -> StoreResult<Vec<Option<FoldOutcome>>> {
+    let mut devices: Vec<(i64, &str)> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for job in jobs {
+        if job.seq.is_some() && seen.insert((job.org_id, job.device.as_str())) {
+            devices.push((job.org_id, job.device.as_str()));
+        }
+    }
+    if devices.is_empty() {
+        return Ok(vec![None; jobs.len()]);
+    }
+    let mut last: HashMap<(i64, String), i64> = HashMap::new();
+    for part in devices.chunks(ROWS_PER_STATEMENT) {
+        let sql = format!(
+            "SELECT org_id, id, last_batch_seq FROM devices WHERE (org_id, id) IN (VALUES {})",
+            placeholders(part.len(), 2)
+        );
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for (org, device) in part {
+            query = query.bind(*org).bind(*device);
+        }
+        for row in query.fetch_all(&mut *tx).await? {
+            last.insert(
+                (row.try_get("org_id")?, row.try_get("id")?),
+                row.try_get("last_batch_seq")?,
+            );
+        }
+    }
+    // (org, device) → (new last seq, bytes to add, spool drops), in first-claimed order.
+    let mut updates: Vec<((i64, String), i64, i64, i64)> = Vec::new();
+    let mut update_of: HashMap<(i64, String), usize> = HashMap::new();
+    let mut out = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        let Some(seq) = job.seq else {
+            out.push(None);
+            continue;
+        };
+        let seq = i64::try_from(seq).unwrap_or(i64::MAX);
+        let key = (job.org_id, job.device.as_str().to_owned());
+        match last.get_mut(&key) {
+            Some(current) if seq > *current => {
+                *current = seq;
+                let bytes = i64::try_from(job.bytes).unwrap_or(i64::MAX);
+                let dropped = i64::try_from(job.spool_dropped).unwrap_or(i64::MAX);
+                match update_of.get(&key) {
+                    Some(&i) => {
+                        let u = &mut updates[i];
+                        u.1 = seq;
+                        u.2 = u.2.saturating_add(bytes);
+                        u.3 = u.3.max(dropped);
+                    }
+                    None => {
+                        update_of.insert(key.clone(), updates.len());
+                        updates.push((key, seq, bytes, dropped));
+                    }
+                }
+                out.push(None);
+            }
+            Some(current) => out.push(Some(FoldOutcome::Duplicate {
+                last_seq: u64::try_from(*current).unwrap_or(0),
+            })),
+            // Not this organization's device (or gone): nothing to store.
+            None => out.push(Some(FoldOutcome::Duplicate { last_seq: 0 })),
+        }
+    }
+    let mut updated = 0u64;
+    for part in updates.chunks(ROWS_PER_STATEMENT) {
+        let sql = format!(
+            "UPDATE devices SET last_batch_seq = v.column3,
+                telemetry_bytes = telemetry_bytes + v.column4,
+                spool_dropped = CASE WHEN spool_dropped > v.column5 THEN spool_dropped
+                                     ELSE v.column5 END
+             FROM (VALUES {}) AS v
+             WHERE devices.org_id = v.column1 AND devices.id = v.column2
+               AND devices.last_batch_seq < v.column3",
+            placeholders(part.len(), 5)
+        );
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for ((org, device), seq, bytes, dropped) in part {
+            query = query
+                .bind(*org)
+                .bind(device.as_str())
+                .bind(*seq)
+                .bind(*bytes)
+                .bind(*dropped);
+        }
+        updated += query.execute(&mut *tx).await?.rows_affected();
+    }
+    if updated != updates.len() as u64 {
+        // Another writer claimed numbers in between; nothing of this group is kept, and the
+        // devices send again.
+        return Err(StoreError::Conflict(
+            "a batch sequence number claimed by another writer".into(),
+        ));
+    }
+    Ok(out)
+}
+
+/// The series rows for `(org, device, meter, channel, scale)` keys, those that exist.
+async fn select_series(
+    tx: &mut sqlx::AnyConnection,
+    keys: &[(i64, String, String, Channel, i8)],
+) -> StoreResult<Vec<Series>> {
+    let mut out = Vec::with_capacity(keys.len());
+    for part in keys.chunks(ROWS_PER_STATEMENT) {
+        let sql = format!(
+            "SELECT s.id, s.org_id, s.device_id, s.meter, s.channel, s.unit, s.scale,
+                s.first_ts, s.last_ts, s.last_value, s.points
+             FROM series s WHERE (s.device_id, s.meter, s.channel) IN (VALUES {})",
+            placeholders(part.len(), 3)
+        );
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for (_, device, meter, channel, _) in part {
+            query = query
+                .bind(device.as_str())
+                .bind(meter.as_str())
+                .bind(channel.name());
+        }
+        for row in query.fetch_all(&mut *tx).await? {
+            out.push(series_from_row(&row)?);
+        }
+    }
+    Ok(out)
+}
+
+/// Reads the chunk rows of the slow-path windows, decoded, into their series' work.
+async fn load_slow_windows(
+    tx: &mut sqlx::AnyConnection,
+    works: &mut [Work],
+    windows: &BTreeSet<(usize, i64)>,
+) -> StoreResult<()> {
+    let windows: Vec<(usize, i64)> = windows.iter().copied().collect();
+    for part in windows.chunks(ROWS_PER_STATEMENT) {
+        for &(index, window) in part {
+            works[index].slow.insert(window, Vec::new());
+        }
+        let sql = format!(
+            "SELECT series_id, window_start, data FROM chunks
+             WHERE (series_id, window_start) IN (VALUES {})",
+            placeholders(part.len(), 2)
+        );
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for &(index, window) in part {
+            query = query.bind(works[index].series.id).bind(window);
+        }
+        for row in query.fetch_all(&mut *tx).await? {
+            let series_id: i64 = row.try_get("series_id")?;
+            let window: i64 = row.try_get("window_start")?;
+            let data: Vec<u8> = row.try_get("data")?;
+            if let Some(&(index, _)) = part
+                .iter()
+                .find(|&&(i, w)| works[i].series.id == series_id && w == window)
+            {
+                works[index]
+                    .slow
+                    .insert(window, chunk::decode_points(&data)?);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The backward steps of a cumulative register among `added` (sorted), and from the series'
+/// last point to the first of them; returns how many were found.
+fn flag_steps(series: &Series, added: &[Point], flags: &mut Vec<FlagRow>) -> u64 {
+    let cumulative = Channel::parse(&series.channel).is_some_and(Channel::is_cumulative);
+    if !cumulative {
+        return 0;
+    }
+    let mut previous = match (series.last_ts, series.last_value) {
+        (Some(ts), Some(value)) if added.first().is_some_and(|p| p.ts > ts) => Some((ts, value)),
+        _ => None,
+    };
+    let mut found = 0;
+    for p in added {
+        if let Some((ts, value)) = previous
+            && let (_, Some(kind)) = step_energy(value, p.value)
+        {
+            flags.push(FlagRow {
+                org_id: series.org_id,
+                series_id: series.id,
+                kind: match kind {
+                    Anomaly::Rollover => "rollover",
+                    Anomaly::Reset => "reset",
+                    Anomaly::Backwards => "backwards",
+                },
+                from: (ts, value),
+                to: (p.ts, p.value),
+            });
+            found += 1;
+        }
+        previous = Some((p.ts, p.value));
+    }
+    found
+}
+
+fn points_row(series: &Series, window_start: i64, points: &[Point]) -> BlobRow {
+    BlobRow {
+        series_id: series.id,
+        org_id: series.org_id,
+        resolution: None,
+        window_start,
+        points: points.len() as i64,
+        first_ts: points.first().map_or(window_start, |p| p.ts),
+        last_ts: points.last().map_or(window_start, |p| p.ts),
+        data: chunk::encode_points(points),
+    }
+}
+
+type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>;
+
+fn bind_chunk_row<'q>(query: AnyQuery<'q>, row: &BlobRow) -> AnyQuery<'q> {
+    query
+        .bind(row.series_id)
+        .bind(row.window_start)
+        .bind(row.org_id)
+        .bind(row.points)
+        .bind(row.first_ts)
+        .bind(row.last_ts)
+        .bind(row.data.as_slice())
+        .bind(1i64)
+}
+
+/// Writes whole chunk rows (one piece each), replacing what was there.
+async fn replace_rows(tx: &mut sqlx::AnyConnection, rows: &[BlobRow]) -> StoreResult<()> {
+    for part in rows.chunks(ROWS_PER_STATEMENT) {
+        let sql = format!(
+            "INSERT INTO chunks (series_id, window_start, org_id, points, first_ts, last_ts,
+                data, blocks)
+             VALUES {}
+             ON CONFLICT (series_id, window_start) DO UPDATE SET
+                points = excluded.points, first_ts = excluded.first_ts,
+                last_ts = excluded.last_ts, data = excluded.data, blocks = excluded.blocks",
+            placeholders(part.len(), 8)
+        );
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for row in part {
+            query = bind_chunk_row(query, row);
+        }
+        query.execute(&mut *tx).await?;
+    }
+    Ok(())
+}
+
+async fn insert_flags(
+    tx: &mut sqlx::AnyConnection,
+    flags: &[FlagRow],
+    now: i64,
+) -> StoreResult<()> {
+    for part in flags.chunks(ROWS_PER_STATEMENT) {
+        let sql = format!(
+            "INSERT INTO telemetry_flags (org_id, series_id, kind, from_ts, to_ts, from_value,
+                to_value, created_at)
+             VALUES {}",
+            placeholders(part.len(), 8)
+        );
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for flag in part {
+            query = query
+                .bind(flag.org_id)
+                .bind(flag.series_id)
+                .bind(flag.kind)
+                .bind(flag.from.0)
+                .bind(flag.to.0)
+                .bind(flag.from.1)
+                .bind(flag.to.1)
+                .bind(now);
+        }
+        query.execute(&mut *tx).await?;
+    }
+    Ok(())
+}
+
+/// Writes each changed series' first and last point and adds its new points to its count.
+async fn update_series(tx: &mut sqlx::AnyConnection, works: &[Work]) -> StoreResult<()> {
+    let changed: Vec<&Work> = works.iter().filter(|w| !w.added.is_empty()).collect();
+    for part in changed.chunks(ROWS_PER_STATEMENT) {
+        let sql = format!(
+            "UPDATE series SET first_ts = v.column2, last_ts = v.column3,
+                last_value = v.column4, points = series.points + v.column5
+             FROM (VALUES {}) AS v
+             WHERE series.id = v.column1",
+            placeholders(part.len(), 5)
+        );
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for work in part {
+            let s = &work.series;
+            query = query
+                .bind(s.id)
+                .bind(s.first_ts.unwrap_or_default())
+                .bind(s.last_ts.unwrap_or_default())
+                .bind(s.last_value.unwrap_or_default())
+                .bind(s.points - work.points_before);
+        }
+        query.execute(&mut *tx).await?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_number_rows_and_columns() {
+        assert_eq!(placeholders(2, 3), "($1, $2, $3), ($4, $5, $6)");
+        assert_eq!(placeholders(1, 1), "($1)");
+    }
+
+    #[test]
+    fn windows_are_whole_hours_before_and_after_1970() {
+        assert_eq!(window_of(3_600_000 * 5 + 7), 3_600_000 * 5);
+        assert_eq!(window_of(-1), -3_600_000);
+    }
+}
