@@ -984,9 +984,9 @@ mod cases {
             channel: Channel::Power,
             ..energy("m", points)
         };
-        // Two and a half hours of a 2-second power reading, in one-minute batches of 30.
+        // Three hours and fifty minutes of a 2-second power reading, in one-minute batches of 30.
         let start = CHUNK_WINDOW_MS * 100;
-        let all: Vec<(i64, i64)> = (0..4500)
+        let all: Vec<(i64, i64)> = (0..6900)
             .map(|i| (start + i * 2_000, (i * 7_919) % 1_000 - 300))
             .collect();
         let batches: Vec<&[(i64, i64)]> = all.chunks(30).collect();
@@ -1032,9 +1032,17 @@ mod cases {
                 }),
             "{outcomes:?}"
         );
+        // The open hour, appended to 45 times, was re-coded on the way.
+        let s = store
+            .list_series(a, &SeriesFilter::default())
+            .await
+            .unwrap()
+            .remove(0);
+        let open = store.stored_rows(a, s.id, None).await.unwrap().remove(3);
+        assert!((2..CHUNK_MAX_PIECES).contains(&open.pieces), "{open:?}");
         // A resend under a new number, and one overlapping the end, add only what is new.
-        let mut overlap = all[4_480..].to_vec();
-        overlap.push((start + 4_500 * 2_000, 7));
+        let mut overlap = all[6_880..].to_vec();
+        overlap.push((start + 6_900 * 2_000, 7));
         let (outcomes, _) = store
             .fold_batches(&[next(batches[40]), next(&overlap)])
             .await
@@ -1053,8 +1061,7 @@ mod cases {
             ]
         );
         let mut expected = all.clone();
-        expected.push((start + 4_500 * 2_000, 7));
-
+        expected.push((start + 6_900 * 2_000, 7));
         let s = store
             .list_series(a, &SeriesFilter::default())
             .await
@@ -1062,7 +1069,7 @@ mod cases {
             .remove(0);
         assert_eq!(
             (s.points, s.first_ts, s.last_ts, s.last_value),
-            (4_501, Some(start), Some(start + 9_000_000), Some(7))
+            (6_901, Some(start), Some(start + 13_800_000), Some(7))
         );
         let stored = store.points(a, s.id, 0, i64::MAX).await.unwrap();
         assert_eq!(
@@ -1082,11 +1089,10 @@ mod cases {
                 assert!(row.pieces < ROLLUP_MAX_PIECES, "{resolution:?} {row:?}");
             }
         }
-        // The closed hours are stored as one chunk each, as compact as coding them at once;
-        // the open one holds a few appended pieces at most.
+        // The closed hours are stored as one chunk each, as compact as coding them at once.
         let rows = store.stored_rows(a, s.id, None).await.unwrap();
-        assert_eq!(rows.len(), 3, "{rows:?}");
-        for (hour, row) in rows.iter().enumerate().take(2) {
+        assert_eq!(rows.len(), 4, "{rows:?}");
+        for (hour, row) in rows.iter().enumerate().take(3) {
             let from = start + hour as i64 * CHUNK_WINDOW_MS;
             let points = store
                 .points(a, s.id, from, from + CHUNK_WINDOW_MS)
@@ -1096,6 +1102,10 @@ mod cases {
             let one = drover_hub::telemetry::chunk::encode_points(&points);
             assert_eq!((row.pieces, row.bytes), (1, one.len() as i64), "{row:?}");
         }
-        assert!(rows[2].pieces < CHUNK_MAX_PIECES, "{:?}", rows[2]);
+        assert_eq!(
+            rows[3].pieces, 1,
+            "the overlap went down the slow path: {:?}",
+            rows[3]
+        );
     }
 }

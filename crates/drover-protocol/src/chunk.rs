@@ -14,6 +14,9 @@
 //! crc32     32 bits  CRC-32 (IEEE) of everything before, big-endian
 //! ```
 //!
+//! A stored blob may hold several chunks back to back (the hub appends a chunk of new rows to an
+//! open row): [`decode_appended`] reads them all, finding each chunk's end by parsing it.
+//!
 //! ```
 //! use drover_protocol::chunk::{decode_columns, encode_columns};
 //! let columns = vec![vec![1_000, 3_000, 5_000], vec![7, 8, 9]];

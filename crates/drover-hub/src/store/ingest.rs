@@ -37,15 +37,21 @@ use crate::telemetry::fold::{FoldOutcome, IngestJob, LivePoint, Point};
 use crate::telemetry::rollup::{RESOLUTIONS, aggregate};
 
 /// An open chunk row is re-coded as one chunk once it holds this many appended pieces.
-pub const CHUNK_MAX_PIECES: i64 = 8;
+pub const CHUNK_MAX_PIECES: i64 = 32;
 /// An open rollup row is re-coded as one chunk once it holds this many appended pieces.
-pub const ROLLUP_MAX_PIECES: i64 = 16;
+pub const ROLLUP_MAX_PIECES: i64 = 64;
 /// Rows per multi-row statement: far below both engines' limits on bound parameters (32766 for
 /// SQLite, 65535 for PostgreSQL) at the widest row written here (8 columns).
 const ROWS_PER_STATEMENT: usize = 500;
 
-/// `($1, $2), ($3, $4), ...`: `rows` tuples of `columns` placeholders.
-fn placeholders(rows: usize, columns: usize) -> String {
+/// `($1, $2), ($3, $4), ...`: `rows` tuples of `columns` placeholders, numbered for PostgreSQL
+/// and plain `?` for SQLite (which looks numbered ones up by name, one linear search each: a
+/// quadratic cost at hundreds of parameters).
+fn placeholders(engine: Engine, rows: usize, columns: usize) -> String {
+    if engine == Engine::Sqlite {
+        let tuple = format!("({})", vec!["?"; columns].join(", "));
+        return vec![tuple; rows].join(", ");
+    }
     let mut out = String::with_capacity(rows * columns * 5);
     for r in 0..rows {
         if r > 0 {
@@ -124,7 +130,7 @@ impl Store {
             Engine::Postgres => self.pool.begin().await?,
         };
         let now = now_ms();
-        let claims = claim(&mut tx, jobs).await?;
+        let claims = claim(self.engine, &mut tx, jobs).await?;
         let mut works = self.series_for_group(&mut tx, jobs, &claims, now).await?;
         let index_of: HashMap<(&str, &str, &str), usize> = works
             .iter()
@@ -181,7 +187,7 @@ impl Store {
             }
             prepared.push(mine);
         }
-        load_slow_windows(&mut tx, &mut works, &slow_windows).await?;
+        load_slow_windows(self.engine, &mut tx, &mut works, &slow_windows).await?;
 
         // Walk the batches in order, as if each were stored alone.
         let mut outcomes = Vec::with_capacity(jobs.len());
@@ -243,8 +249,8 @@ impl Store {
 
         self.write_chunks(&mut tx, &works).await?;
         self.write_rollups(&mut tx, &works).await?;
-        insert_flags(&mut tx, &flags, now).await?;
-        update_series(&mut tx, &works).await?;
+        insert_flags(self.engine, &mut tx, &flags, now).await?;
+        update_series(self.engine, &mut tx, &works).await?;
         tx.commit().await?;
         Ok((outcomes, live))
     }
@@ -257,6 +263,7 @@ impl Store {
         claims: &[Option<FoldOutcome>],
         now: i64,
     ) -> StoreResult<Vec<Work>> {
+        let engine = self.engine;
         // (org, device, meter, channel, scale), in first-seen order.
         let mut wanted: Vec<(i64, String, String, Channel, i8)> = Vec::new();
         let mut seen: std::collections::HashSet<(&str, &str, Channel)> = Default::default();
@@ -276,7 +283,7 @@ impl Store {
                 }
             }
         }
-        let mut found = select_series(tx, &wanted).await?;
+        let mut found = select_series(self.engine, tx, &wanted).await?;
         let have: std::collections::HashSet<(&str, &str, &str)> = found
             .iter()
             .map(|s| (s.device.as_str(), s.meter.as_str(), s.channel.as_str()))
@@ -294,7 +301,7 @@ impl Store {
                         created_at)
                      VALUES {}
                      ON CONFLICT (device_id, meter, channel) DO NOTHING",
-                    placeholders(part.len(), 8)
+                    placeholders(engine, part.len(), 8)
                 );
                 let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
                 for (org, device, meter, channel, scale) in part {
@@ -310,7 +317,7 @@ impl Store {
                 }
                 query.execute(&mut *tx).await?;
             }
-            found.extend(select_series(tx, &missing).await?);
+            found.extend(select_series(self.engine, tx, &missing).await?);
         }
         Ok(found
             .into_iter()
@@ -329,6 +336,7 @@ impl Store {
     /// Appends fast-path points, rewrites slow-path windows, and re-codes the rows that grew
     /// too many pieces or whose window is over.
     async fn write_chunks(&self, tx: &mut sqlx::AnyConnection, works: &[Work]) -> StoreResult<()> {
+        let engine = self.engine;
         let mut appends = Vec::new();
         let mut rewrites = Vec::new();
         let mut recode: BTreeSet<(i64, i64)> = BTreeSet::new();
@@ -352,14 +360,14 @@ impl Store {
                 recode.insert((series_id, window_start));
             }
         }
-        replace_rows(tx, &rewrites).await?;
+        replace_rows(self.engine, tx, &rewrites).await?;
         let recode: Vec<(i64, i64)> = recode.into_iter().collect();
         let mut recoded = Vec::new();
         for part in recode.chunks(ROWS_PER_STATEMENT) {
             let sql = format!(
                 "SELECT series_id, window_start, org_id, data FROM chunks
                  WHERE blocks > 1 AND (series_id, window_start) IN (VALUES {})",
-                placeholders(part.len(), 2)
+                placeholders(engine, part.len(), 2)
             );
             let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
             for (series_id, window_start) in part {
@@ -383,12 +391,13 @@ impl Store {
                 });
             }
         }
-        replace_rows(tx, &recoded).await
+        replace_rows(self.engine, tx, &recoded).await
     }
 
     /// Appends the buckets of the added points to their rollup rows, and re-codes the rows that
     /// grew too many pieces.
     async fn write_rollups(&self, tx: &mut sqlx::AnyConnection, works: &[Work]) -> StoreResult<()> {
+        let engine = self.engine;
         let mut appends = Vec::new();
         for work in works {
             if work.added.is_empty() {
@@ -426,7 +435,7 @@ impl Store {
                     data = CAST(rollups.data || excluded.data AS {}),
                     blocks = rollups.blocks + 1
                  RETURNING series_id, resolution, window_start, blocks",
-                placeholders(part.len(), 6),
+                placeholders(engine, part.len(), 6),
                 self.blob_type()
             );
             let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
@@ -482,6 +491,7 @@ impl Store {
         tx: &mut sqlx::AnyConnection,
         rows: &[BlobRow],
     ) -> StoreResult<Vec<(i64, i64, i64)>> {
+        let engine = self.engine;
         let mut out = Vec::with_capacity(rows.len());
         for part in rows.chunks(ROWS_PER_STATEMENT) {
             // Every appended point is later than what the row holds, so `first_ts` stays and
@@ -496,7 +506,7 @@ impl Store {
                     data = CAST(chunks.data || excluded.data AS {}),
                     blocks = chunks.blocks + 1
                  RETURNING series_id, window_start, blocks",
-                placeholders(part.len(), 8),
+                placeholders(engine, part.len(), 8),
                 self.blob_type()
             );
             let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
@@ -526,6 +536,7 @@ impl Store {
 /// Claims each batch's sequence number, in order; `None` for a batch to store, the duplicate
 /// outcome for one that is not.
 async fn claim(
+    engine: Engine,
     tx: &mut sqlx::AnyConnection,
     jobs: &[IngestJob],
 ) -> StoreResult<Vec<Option<FoldOutcome>>> {
@@ -543,7 +554,7 @@ async fn claim(
     for part in devices.chunks(ROWS_PER_STATEMENT) {
         let sql = format!(
             "SELECT org_id, id, last_batch_seq FROM devices WHERE (org_id, id) IN (VALUES {})",
-            placeholders(part.len(), 2)
+            placeholders(engine, part.len(), 2)
         );
         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
         for (org, device) in part {
@@ -603,7 +614,7 @@ async fn claim(
              FROM (VALUES {}) AS v
              WHERE devices.org_id = v.column1 AND devices.id = v.column2
                AND devices.last_batch_seq < v.column3",
-            placeholders(part.len(), 5)
+            placeholders(engine, part.len(), 5)
         );
         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
         for ((org, device), seq, bytes, dropped) in part {
@@ -628,6 +639,7 @@ async fn claim(
 
 /// The series rows for `(org, device, meter, channel, scale)` keys, those that exist.
 async fn select_series(
+    engine: Engine,
     tx: &mut sqlx::AnyConnection,
     keys: &[(i64, String, String, Channel, i8)],
 ) -> StoreResult<Vec<Series>> {
@@ -637,7 +649,7 @@ async fn select_series(
             "SELECT s.id, s.org_id, s.device_id, s.meter, s.channel, s.unit, s.scale,
                 s.first_ts, s.last_ts, s.last_value, s.points
              FROM series s WHERE (s.device_id, s.meter, s.channel) IN (VALUES {})",
-            placeholders(part.len(), 3)
+            placeholders(engine, part.len(), 3)
         );
         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
         for (_, device, meter, channel, _) in part {
@@ -655,6 +667,7 @@ async fn select_series(
 
 /// Reads the chunk rows of the slow-path windows, decoded, into their series' work.
 async fn load_slow_windows(
+    engine: Engine,
     tx: &mut sqlx::AnyConnection,
     works: &mut [Work],
     windows: &BTreeSet<(usize, i64)>,
@@ -667,7 +680,7 @@ async fn load_slow_windows(
         let sql = format!(
             "SELECT series_id, window_start, data FROM chunks
              WHERE (series_id, window_start) IN (VALUES {})",
-            placeholders(part.len(), 2)
+            placeholders(engine, part.len(), 2)
         );
         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
         for &(index, window) in part {
@@ -752,7 +765,11 @@ fn bind_chunk_row<'q>(query: AnyQuery<'q>, row: &BlobRow) -> AnyQuery<'q> {
 }
 
 /// Writes whole chunk rows (one piece each), replacing what was there.
-async fn replace_rows(tx: &mut sqlx::AnyConnection, rows: &[BlobRow]) -> StoreResult<()> {
+async fn replace_rows(
+    engine: Engine,
+    tx: &mut sqlx::AnyConnection,
+    rows: &[BlobRow],
+) -> StoreResult<()> {
     for part in rows.chunks(ROWS_PER_STATEMENT) {
         let sql = format!(
             "INSERT INTO chunks (series_id, window_start, org_id, points, first_ts, last_ts,
@@ -761,7 +778,7 @@ async fn replace_rows(tx: &mut sqlx::AnyConnection, rows: &[BlobRow]) -> StoreRe
              ON CONFLICT (series_id, window_start) DO UPDATE SET
                 points = excluded.points, first_ts = excluded.first_ts,
                 last_ts = excluded.last_ts, data = excluded.data, blocks = excluded.blocks",
-            placeholders(part.len(), 8)
+            placeholders(engine, part.len(), 8)
         );
         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
         for row in part {
@@ -773,6 +790,7 @@ async fn replace_rows(tx: &mut sqlx::AnyConnection, rows: &[BlobRow]) -> StoreRe
 }
 
 async fn insert_flags(
+    engine: Engine,
     tx: &mut sqlx::AnyConnection,
     flags: &[FlagRow],
     now: i64,
@@ -782,7 +800,7 @@ async fn insert_flags(
             "INSERT INTO telemetry_flags (org_id, series_id, kind, from_ts, to_ts, from_value,
                 to_value, created_at)
              VALUES {}",
-            placeholders(part.len(), 8)
+            placeholders(engine, part.len(), 8)
         );
         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
         for flag in part {
@@ -802,7 +820,11 @@ async fn insert_flags(
 }
 
 /// Writes each changed series' first and last point and adds its new points to its count.
-async fn update_series(tx: &mut sqlx::AnyConnection, works: &[Work]) -> StoreResult<()> {
+async fn update_series(
+    engine: Engine,
+    tx: &mut sqlx::AnyConnection,
+    works: &[Work],
+) -> StoreResult<()> {
     let changed: Vec<&Work> = works.iter().filter(|w| !w.added.is_empty()).collect();
     for part in changed.chunks(ROWS_PER_STATEMENT) {
         let sql = format!(
@@ -810,7 +832,7 @@ async fn update_series(tx: &mut sqlx::AnyConnection, works: &[Work]) -> StoreRes
                 last_value = v.column4, points = series.points + v.column5
              FROM (VALUES {}) AS v
              WHERE series.id = v.column1",
-            placeholders(part.len(), 5)
+            placeholders(engine, part.len(), 5)
         );
         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
         for work in part {
@@ -833,8 +855,12 @@ mod tests {
 
     #[test]
     fn placeholders_number_rows_and_columns() {
-        assert_eq!(placeholders(2, 3), "($1, $2, $3), ($4, $5, $6)");
-        assert_eq!(placeholders(1, 1), "($1)");
+        assert_eq!(
+            placeholders(Engine::Postgres, 2, 3),
+            "($1, $2, $3), ($4, $5, $6)"
+        );
+        assert_eq!(placeholders(Engine::Postgres, 1, 1), "($1)");
+        assert_eq!(placeholders(Engine::Sqlite, 2, 2), "(?, ?), (?, ?)");
     }
 
     #[test]
