@@ -144,7 +144,7 @@ struct IngestArgs {
         id = "ingest_loads",
         long = "ingest-load",
         value_delimiter = ',',
-        default_value = "128x4x60,64x15x1"
+        default_value = "128x4x60,64x6x5,64x15x1"
     )]
     loads: Vec<String>,
     /// Measured runs per load and engine (hub and reference alternate).
