@@ -59,7 +59,7 @@ impl Store {
         device_id: &DeviceId,
         reports: &[UpdateReport],
     ) -> StoreResult<u64> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let row = sqlx::query(
             "UPDATE devices SET last_report_seq = last_report_seq
              WHERE org_id = $1 AND id = $2 RETURNING last_report_seq",
@@ -136,7 +136,7 @@ impl Store {
         } else {
             ReportState::Failure
         };
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let row = sqlx::query(
             "SELECT COALESCE(MAX(attempt), 0) AS n FROM update_attempts
              WHERE org_id = $1 AND device_id = $2 AND release_version = $3",

@@ -464,7 +464,7 @@ impl Store {
         if batch.is_empty() {
             return Ok(());
         }
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         for (id, p) in batch {
             sqlx::query(
                 "UPDATE devices SET

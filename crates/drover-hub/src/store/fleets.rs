@@ -192,7 +192,7 @@ impl Store {
         fleet_id: i64,
         patch: &FleetPatch,
     ) -> StoreResult<Fleet> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let row = sqlx::query(concat!(
             "SELECT ",
             fleet_columns!(),

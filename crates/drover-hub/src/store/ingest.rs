@@ -122,13 +122,8 @@ impl Store {
         &self,
         jobs: &[IngestJob],
     ) -> StoreResult<(Vec<FoldOutcome>, Vec<LivePoint>)> {
-        // On SQLite the write lock is taken up front: the group reads before it writes, and a
-        // read transaction that later wants to write can be refused (busy) without waiting if
-        // another connection wrote in between.
-        let mut tx = match self.engine {
-            Engine::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
-            Engine::Postgres => self.pool.begin().await?,
-        };
+        // The group reads before it writes: on SQLite the write lock is taken up front.
+        let mut tx = self.begin_write().await?;
         let now = now_ms();
         let claims = claim(self.engine, &mut tx, jobs).await?;
         let mut works = self.series_for_group(&mut tx, jobs, &claims, now).await?;

@@ -105,7 +105,7 @@ impl Store {
         fleet_id: i64,
         new: &NewRelease,
     ) -> StoreResult<Release> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         // Taking the sequence number with an UPDATE first locks the fleet row, so two
         // concurrent creations cannot get the same number.
         let row = sqlx::query(
@@ -238,7 +238,7 @@ impl Store {
     /// the fleet's deploy generation.
     pub async fn set_fleet_target(&self, org_id: i64, release: &Release) -> StoreResult<()> {
         let device_type = release.device_type.as_deref().unwrap_or(ANY_DEVICE_TYPE);
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         sqlx::query(
             "INSERT INTO fleet_targets (fleet_id, device_type, org_id, release_id, updated_at)
              VALUES ($1, $2, $3, $4, $5)
