@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use drover_protocol::batch::stream::{self, Reply};
 use drover_protocol::device::{
     CheckinRequest, DesiredState, EnrollRequest, EnrollResponse, ReportAck, ReportBatch,
 };
@@ -11,15 +12,19 @@ use drover_protocol::error::ErrorBody;
 use reqwest::StatusCode;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tokio::sync::mpsc;
 
 use crate::config::AgentConfig;
 
 /// How long to wait for a TCP and TLS connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
-/// How long an API call (not a download) may take in all.
-const CALL_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long a download may go without receiving a byte.
-const READ_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long an API call (not a download) may take in all; also how long the telemetry stream
+/// waits for an answer it asked for.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a download may go without receiving a byte (applied by the download itself: a
+/// client-wide read timeout would also end the telemetry stream, whose answers are minutes
+/// apart).
+pub const READ_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long an idle connection to the hub is kept for the next request. Longer than the usual
 /// batch and check-in intervals (up to 5 minutes), so that they reuse one TLS connection
 /// instead of paying a handshake (about 2 KB) each time; a NAT that forgets the connection
@@ -105,6 +110,61 @@ impl HubError {
     }
 }
 
+/// An open telemetry stream. Dropping it ends the request body; the hub then answers what it
+/// stored and ends its side.
+#[derive(Debug)]
+pub struct BatchStream {
+    body: mpsc::Sender<Vec<u8>>,
+    replies: mpsc::Receiver<Reply>,
+    reader: tokio::task::JoinHandle<()>,
+    /// The highest sequence number the hub had stored for the device when the stream opened.
+    pub last_seq: u64,
+}
+
+impl BatchStream {
+    /// Sends one message (see [`stream::encode_message`]); `false` when the stream has ended.
+    pub async fn send(&self, message: Vec<u8>) -> bool {
+        self.body.send(message).await.is_ok()
+    }
+
+    /// The next reply; `None` when the stream has ended.
+    pub async fn reply(&mut self) -> Option<Reply> {
+        self.replies.recv().await
+    }
+
+    /// What the hub said before the stream ended, once a send found it gone: the hub ends its
+    /// side right after a refusal, so the refusal usually lies here. Waits at most `patience`
+    /// for the rest of the answer.
+    pub async fn last_words(&mut self, patience: Duration) -> Vec<Reply> {
+        let mut replies = Vec::new();
+        let deadline = tokio::time::Instant::now() + patience;
+        while let Ok(Some(reply)) = tokio::time::timeout_at(deadline, self.replies.recv()).await {
+            replies.push(reply);
+        }
+        replies
+    }
+
+    /// A reply that has arrived already, without waiting.
+    pub fn try_reply(&mut self) -> Result<Option<Reply>, StreamEnded> {
+        match self.replies.try_recv() {
+            Ok(reply) => Ok(Some(reply)),
+            Err(mpsc::error::TryRecvError::Empty) => Ok(None),
+            Err(mpsc::error::TryRecvError::Disconnected) => Err(StreamEnded),
+        }
+    }
+}
+
+/// The telemetry stream has ended (the hub ended it, or the connection broke).
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("the telemetry stream has ended")]
+pub struct StreamEnded;
+
+impl Drop for BatchStream {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
 /// A connection to the hub's device API.
 #[derive(Debug, Clone)]
 pub struct HubClient {
@@ -123,7 +183,6 @@ impl HubClient {
         let mut builder = reqwest::Client::builder()
             .user_agent(concat!("drover-agent/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(CONNECT_TIMEOUT)
-            .read_timeout(READ_TIMEOUT)
             .pool_idle_timeout(POOL_IDLE);
         if let Some(ca_file) = &config.ca_file {
             builder = builder.tls_backend_preconfigured(tls_trusting_only(ca_file)?);
@@ -219,6 +278,80 @@ impl HubClient {
         }
     }
 
+    /// Opens the telemetry stream (`POST /device/v1/batches/stream`). The hub answers at once;
+    /// batches then go with [`BatchStream::send`] and its replies come from
+    /// [`BatchStream::reply`].
+    pub async fn open_stream(&self, credential: &str) -> Result<BatchStream, HubError> {
+        let what = "telemetry stream";
+        let (body_tx, mut body_rx) = mpsc::channel::<Vec<u8>>(16);
+        let body = reqwest::Body::wrap_stream(futures_util::stream::poll_fn(move |cx| {
+            body_rx
+                .poll_recv(cx)
+                .map(|m| m.map(Ok::<_, std::io::Error>))
+        }));
+        let request = self
+            .http
+            .post(self.url("/device/v1/batches/stream"))
+            .bearer_auth(credential)
+            .header(reqwest::header::CONTENT_TYPE, stream::CONTENT_TYPE)
+            .body(body)
+            .send();
+        let mut response = match tokio::time::timeout(CALL_TIMEOUT, request).await {
+            Ok(result) => result.map_err(|source| HubError::Network { what, source })?,
+            Err(_) => {
+                return Err(HubError::BadAnswer {
+                    what,
+                    message: format!("no answer within {}s", CALL_TIMEOUT.as_secs()),
+                });
+            }
+        };
+        if !response.status().is_success() {
+            return Err(refusal(response, what).await);
+        }
+        let last_seq = response
+            .headers()
+            .get("drover-last-seq")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| HubError::BadAnswer {
+                what,
+                message: "no Drover-Last-Seq header".into(),
+            })?;
+        let (reply_tx, replies) = mpsc::channel(16);
+        let reader = tokio::spawn(async move {
+            let mut buf: Vec<u8> = Vec::new();
+            while let Ok(Some(chunk)) = response.chunk().await {
+                buf.extend_from_slice(&chunk);
+                while let Some(end) = buf.iter().position(|&b| b == b'\n') {
+                    let line: Vec<u8> = buf.drain(..=end).collect();
+                    match serde_json::from_slice::<Reply>(&line[..end]) {
+                        Ok(reply) => {
+                            if reply_tx.send(reply).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "telemetry: the hub's stream reply is not valid; closing the stream");
+                            return;
+                        }
+                    }
+                }
+                if buf.len() > MAX_ERROR_BODY * 4 {
+                    tracing::warn!(
+                        "telemetry: the hub's stream reply line is too long; closing the stream"
+                    );
+                    return;
+                }
+            }
+        });
+        Ok(BatchStream {
+            body: body_tx,
+            replies,
+            reader,
+            last_seq,
+        })
+    }
+
     /// `GET` an artifact, from `offset` on when resuming (with `If-Range`, so that a changed
     /// artifact comes back whole). The status is the caller's to check.
     pub async fn artifact(
@@ -234,10 +367,16 @@ impl HubClient {
                 .header(reqwest::header::RANGE, format!("bytes={offset}-"))
                 .header(reqwest::header::IF_RANGE, etag);
         }
-        request.send().await.map_err(|source| HubError::Network {
-            what: "artifact download",
-            source,
-        })
+        match tokio::time::timeout(READ_TIMEOUT, request.send()).await {
+            Ok(result) => result.map_err(|source| HubError::Network {
+                what: "artifact download",
+                source,
+            }),
+            Err(_) => Err(HubError::BadAnswer {
+                what: "artifact download",
+                message: format!("no answer within {}s", READ_TIMEOUT.as_secs()),
+            }),
+        }
     }
 
     async fn post<T: Serialize>(

@@ -237,7 +237,17 @@ impl Downloader<'_> {
         let mut first = true;
         loop {
             let chunk = tokio::select! {
-                c = response.chunk() => c,
+                c = tokio::time::timeout(crate::client::READ_TIMEOUT, response.chunk()) => match c {
+                    Ok(c) => c,
+                    Err(_) => {
+                        file.flush().await.at("writing", part)?;
+                        return Err(DownloadError::Transient(format!(
+                            "the download stalled at {written} of {} bytes for {}s (it resumes from there)",
+                            offer.size,
+                            crate::client::READ_TIMEOUT.as_secs()
+                        )));
+                    }
+                },
                 () = self.cancel.cancelled() => {
                     file.flush().await.at("writing", part)?;
                     return Err(DownloadError::Cancelled);

@@ -15,6 +15,7 @@ use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, bail};
+use drover_protocol::batch::stream::StreamContext;
 use drover_protocol::batch::{self, Batch, synthetic};
 use drover_protocol::reading::{Channel, Reading};
 use reqwest::StatusCode;
@@ -47,7 +48,10 @@ pub struct Options {
 /// How a kind of batch is written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
-    /// Drover's binary batch with all three channels.
+    /// Drover's binary batches with all three channels on the telemetry stream, confirmed every
+    /// 5 minutes as the agent does by default.
+    DroverStream,
+    /// Drover's binary batch with all three channels, a request each.
     Drover,
     /// Drover's binary batch with the energy register only (like for like with the seed).
     DroverEnergy,
@@ -59,6 +63,7 @@ impl Format {
     /// How it is named in the report.
     pub fn name(self) -> &'static str {
         match self {
+            Format::DroverStream => "Drover stream, 3 channels",
             Format::Drover => "Drover batch, 3 channels",
             Format::DroverEnergy => "Drover batch, energy only",
             Format::SeedJson => "seed JSON, energy only",
@@ -68,14 +73,20 @@ impl Format {
     /// What its points are called in the report.
     pub fn unit(self) -> &'static str {
         match self {
-            Format::Drover => "point",
+            Format::Drover | Format::DroverStream => "point",
             Format::DroverEnergy | Format::SeedJson => "energy reading",
         }
     }
 }
 
+/// The agent's default `ack_interval`: the stream asks the hub to confirm every this many
+/// minutes of batches.
+pub const ACK_INTERVAL_MINUTES: u32 = 5;
+
 /// The kinds measured: each format at 1-minute and 5-minute batches.
-pub const KINDS: [(Format, u32); 6] = [
+pub const KINDS: [(Format, u32); 8] = [
+    (Format::DroverStream, 1),
+    (Format::DroverStream, 5),
     (Format::Drover, 1),
     (Format::Drover, 5),
     (Format::DroverEnergy, 1),
@@ -153,6 +164,8 @@ pub struct Report {
 
 /// The batches of one kind, ready to send: request bodies and where they go.
 struct Prepared {
+    /// On the telemetry stream, confirmed every this many batches; `None`: a request each.
+    stream_ack_every: Option<usize>,
     bodies: Vec<Vec<u8>>,
     url: String,
     credential: Option<String>,
@@ -260,18 +273,33 @@ fn prepare(
     let meter = Meter::new(7, meter::first_hour_ending_now(hours));
     let readings: Vec<Reading> = (0..hours)
         .flat_map(|h| meter.hour(h))
-        .filter(|r| format == Format::Drover || r.channel == Channel::EnergyImport)
+        .filter(|r| {
+            matches!(format, Format::Drover | Format::DroverStream)
+                || r.channel == Channel::EnergyImport
+        })
         .collect();
     let per_batch = readings.len() / (hours as usize * 60 / minutes as usize);
     let mut bodies = Vec::with_capacity(count);
+    // On the stream, frames are written against the ones before them on the same stream, as
+    // the agent does: the device is new, so the first stream opens with Drover-Last-Seq 0; the
+    // last batch goes on a second stream, which opens with the seq before it.
+    let mut context = StreamContext::new(device.id.clone(), 0);
     for (i, chunk) in readings.chunks(per_batch).take(count).enumerate() {
+        let batch = Batch {
+            device: device.id.clone(),
+            seq: i as u64 + 1,
+            readings: chunk.to_vec(),
+        };
         let body = match format {
-            Format::Drover | Format::DroverEnergy => batch::encode(&Batch {
-                device: device.id.clone(),
-                seq: i as u64 + 1,
-                readings: chunk.to_vec(),
-            })
-            .context("encoding a batch")?,
+            Format::DroverStream => {
+                if i + 1 == count {
+                    context = StreamContext::new(device.id.clone(), i as u64);
+                }
+                context.encode(&batch).context("encoding a batch")?
+            }
+            Format::Drover | Format::DroverEnergy => {
+                batch::encode(&batch).context("encoding a batch")?
+            }
             Format::SeedJson => seed_body(&format!("bench-seed-{minutes}m"), chunk)?,
         };
         bodies.push(body);
@@ -283,6 +311,12 @@ fn prepare(
             "application/json",
             StatusCode::OK,
         ),
+        Format::DroverStream => (
+            format!("{}/device/v1/batches/stream", hub.url),
+            Some(device.credential.clone()),
+            batch::stream::CONTENT_TYPE,
+            StatusCode::OK,
+        ),
         _ => (
             format!("{}/device/v1/batches", hub.url),
             Some(device.credential.clone()),
@@ -291,6 +325,8 @@ fn prepare(
         ),
     };
     Ok(Prepared {
+        stream_ack_every: (format == Format::DroverStream)
+            .then(|| (ACK_INTERVAL_MINUTES / minutes).max(1) as usize),
         bodies,
         url,
         credential,
@@ -342,7 +378,6 @@ async fn send_kind(ca_file: &Path, kind: &Prepared, options: &Options) -> anyhow
         reqwest::Client::builder()
             .user_agent(USER_AGENT)
             .connect_timeout(Duration::from_secs(15))
-            .read_timeout(Duration::from_secs(60))
             .pool_idle_timeout(Duration::from_secs(600))
             .tls_backend_preconfigured(tls)
             .build()
@@ -352,20 +387,43 @@ async fn send_kind(ca_file: &Path, kind: &Prepared, options: &Options) -> anyhow
     let (last, steady) = rest.split_last().context("no batches")?;
     let start = now_us();
     let http = client(tls.clone())?;
-    send(&http, kind, first).await?;
-    tokio::time::sleep(options.gap).await;
-    let steady_start = now_us();
-    for body in steady {
-        send(&http, kind, body).await?;
+    let steady_start;
+    let steady_end;
+    if let Some(every) = kind.stream_ack_every {
+        let mut stream = Stream::open(&http, kind).await?;
+        stream.send(first, true).await?;
         tokio::time::sleep(options.gap).await;
+        steady_start = now_us();
+        for (i, body) in steady.iter().enumerate() {
+            stream.send(body, (i + 1) % every == 0).await?;
+            tokio::time::sleep(options.gap).await;
+        }
+        steady_end = now_us();
+        drop(stream);
+        drop(http);
+        tokio::time::sleep(options.gap).await;
+        let http = client(tls)?;
+        let mut stream = Stream::open(&http, kind).await?;
+        stream.send(last, true).await?;
+        tokio::time::sleep(options.gap).await;
+        drop(stream);
+        drop(http);
+    } else {
+        send(&http, kind, first).await?;
+        tokio::time::sleep(options.gap).await;
+        steady_start = now_us();
+        for body in steady {
+            send(&http, kind, body).await?;
+            tokio::time::sleep(options.gap).await;
+        }
+        steady_end = now_us();
+        drop(http);
+        tokio::time::sleep(options.gap).await;
+        let http = client(tls)?;
+        send(&http, kind, last).await?;
+        tokio::time::sleep(options.gap).await;
+        drop(http);
     }
-    let steady_end = now_us();
-    drop(http);
-    tokio::time::sleep(options.gap).await;
-    let http = client(tls)?;
-    send(&http, kind, last).await?;
-    tokio::time::sleep(options.gap).await;
-    drop(http);
     tokio::time::sleep(options.gap).await;
     Ok(Window {
         start,
@@ -373,6 +431,68 @@ async fn send_kind(ca_file: &Path, kind: &Prepared, options: &Options) -> anyhow
         steady_end,
         end: now_us(),
     })
+}
+
+/// The telemetry stream as the agent drives it (`drover-agent/src/client.rs`).
+struct Stream {
+    body: tokio::sync::mpsc::Sender<Vec<u8>>,
+    response: reqwest::Response,
+    buf: Vec<u8>,
+}
+
+impl Stream {
+    async fn open(http: &reqwest::Client, kind: &Prepared) -> anyhow::Result<Stream> {
+        let (body, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(16);
+        let stream = futures_util::stream::poll_fn(move |cx| {
+            rx.poll_recv(cx).map(|m| m.map(Ok::<_, std::io::Error>))
+        });
+        let mut request = http
+            .post(&kind.url)
+            .header(reqwest::header::CONTENT_TYPE, kind.content_type)
+            .body(reqwest::Body::wrap_stream(stream));
+        if let Some(credential) = &kind.credential {
+            request = request.bearer_auth(credential);
+        }
+        let response = request.send().await.context("opening the stream")?;
+        if response.status() != kind.expect {
+            bail!("the stream was answered {}", response.status());
+        }
+        Ok(Stream {
+            body,
+            response,
+            buf: Vec::new(),
+        })
+    }
+
+    /// Sends one batch; when `ask`, waits for the hub's confirmation.
+    async fn send(&mut self, frame: &[u8], ask: bool) -> anyhow::Result<()> {
+        let mut message = Vec::new();
+        batch::stream::encode_message(frame, ask, &mut message);
+        self.body
+            .send(message)
+            .await
+            .map_err(|_| anyhow::anyhow!("the stream ended"))?;
+        if !ask {
+            return Ok(());
+        }
+        loop {
+            if let Some(end) = self.buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=end).collect();
+                let reply: serde_json::Value = serde_json::from_slice(&line)?;
+                if reply.get("stored").is_none() {
+                    bail!("the hub refused a batch on the stream: {reply}");
+                }
+                return Ok(());
+            }
+            let chunk = self
+                .response
+                .chunk()
+                .await
+                .context("reading the stream's replies")?
+                .context("the hub ended the stream")?;
+            self.buf.extend_from_slice(&chunk);
+        }
+    }
 }
 
 async fn send(http: &reqwest::Client, kind: &Prepared, body: &[u8]) -> anyhow::Result<()> {

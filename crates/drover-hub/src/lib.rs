@@ -124,6 +124,7 @@ pub async fn start(config: HubConfig, shutdown: CancellationToken) -> anyhow::Re
         ingest: Arc::new(ingest),
         live,
         config,
+        shutdown: shutdown.clone(),
     }));
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(async move {

@@ -38,6 +38,8 @@ pub struct Shared {
     pub live: tokio::sync::broadcast::Sender<crate::telemetry::fold::LivePoint>,
     /// The configuration.
     pub config: HubConfig,
+    /// Cancelled when the hub shuts down: long-lived requests (the telemetry stream) end then.
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 impl std::ops::Deref for HubState {
@@ -130,14 +132,36 @@ impl FromRequestParts<HubState> for DeviceAuth {
 
     async fn from_request_parts(parts: &mut Parts, hub: &HubState) -> Result<Self, ApiError> {
         let hash = token_hash(bearer(parts, TokenKind::Device)?);
-        if let Some(entry) = hub.devices.get(&hash) {
-            return Ok(DeviceAuth(entry));
-        }
-        hub.load_device(hash).await.map(DeviceAuth)
+        hub.device_by_hash(&hash).await.map(DeviceAuth)
+    }
+}
+
+/// The hash of a request's device credential, for handlers that authenticate the device
+/// again later (the telemetry stream does, on every batch, so that a device revoked while its
+/// stream is open is stopped at its next batch).
+#[derive(Debug, Clone)]
+pub struct CredentialHash(pub String);
+
+impl FromRequestParts<HubState> for CredentialHash {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _hub: &HubState) -> Result<Self, ApiError> {
+        Ok(CredentialHash(token_hash(bearer(
+            parts,
+            TokenKind::Device,
+        )?)))
     }
 }
 
 impl HubState {
+    /// The device holding a credential, from the cache or the store (as [`DeviceAuth`]).
+    pub async fn device_by_hash(&self, hash: &str) -> Result<Arc<CachedDevice>, ApiError> {
+        if let Some(entry) = self.devices.get(hash) {
+            return Ok(entry);
+        }
+        self.load_device(hash.to_owned()).await
+    }
+
     /// Builds (and caches) the check-in entry of the device holding a credential.
     pub async fn load_device(
         &self,

@@ -33,6 +33,7 @@
 
 pub mod budget;
 pub mod state;
+mod stream;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -144,6 +145,16 @@ pub struct Sender {
     /// an old copy), not a resend after a lost answer.
     unsent: Option<u64>,
     errors: u32,
+    /// The telemetry stream, while it is open.
+    stream: Option<crate::client::BatchStream>,
+    /// The highest sequence number sent on the open stream.
+    stream_sent: u64,
+    /// What the frames sent on the open stream said: the next one is written against it.
+    stream_context: Option<drover_protocol::batch::stream::StreamContext>,
+    /// When the hub last confirmed (or the stream opened).
+    asked_at: Instant,
+    /// Batches go as requests until then (the hub would not open a stream).
+    stream_off_until: Option<Instant>,
 }
 
 /// What one round of sending came to.
@@ -198,6 +209,11 @@ impl Sender {
             last_count: None,
             unsent: None,
             errors: 0,
+            stream: None,
+            stream_sent: 0,
+            stream_context: None,
+            asked_at: Instant::now(),
+            stream_off_until: None,
         };
         Ok((sender, telemetry))
     }
@@ -294,6 +310,11 @@ impl Sender {
 
     /// Makes (or takes up again) one batch and sends it.
     async fn round(&mut self, enrolled: &Enrolled) -> Result<Outcome, SenderError> {
+        if self.config.stream
+            && let Some(outcome) = self.stream_round(enrolled).await?
+        {
+            return Ok(outcome);
+        }
         let Some((inflight, records)) = self.next_batch().await? else {
             return Ok(Outcome::Empty);
         };
@@ -322,7 +343,7 @@ impl Sender {
             .map_or_else(|e| e.status().is_some(), |_| true)
         {
             // It went over the link (answered or not): it counts against the budget.
-            self.count_bytes(body_bytes);
+            self.count_bytes(body_bytes, budget::REQUEST_OVERHEAD_BYTES);
         }
         match result {
             Ok(Some(last_seq)) if first_send && last_seq >= inflight.seq => {
@@ -376,7 +397,7 @@ impl Sender {
                 seq = inflight.seq,
                 "telemetry: the batch in flight was dropped by the full spool"
             );
-            self.change(|s| s.inflight = None)?;
+            self.change(SenderState::pop)?;
         }
         let max = self.config.max_batch_readings;
         let records = with_spool(&self.spool, move |s| s.read(0, max)).await?;
@@ -392,7 +413,7 @@ impl Sender {
         // Durable before it is sent: the number and the records stay together from here on.
         self.change(|s| {
             s.next_seq += 1;
-            s.inflight = Some(inflight);
+            s.push(inflight);
         })?;
         self.unsent = Some(inflight.seq);
         let appended = with_spool(&self.spool, |s| Ok(s.appended_total())).await?;
@@ -423,7 +444,7 @@ impl Sender {
         body_bytes: u64,
     ) -> Result<(), SenderError> {
         with_spool(&self.spool, move |s| s.ack(through)).await?;
-        self.change(|s| s.inflight = None)?;
+        self.change(SenderState::pop)?;
         if readings > 0 {
             self.usage
                 .observe(None, Some(body_bytes as f64 / readings as f64));
@@ -517,12 +538,15 @@ impl Sender {
         let keep = &records[..records.len() / 2];
         let last_id = keep.last().map_or(inflight.first_id, |r| r.id);
         let readings = keep.iter().map(|r| r.readings.len() as u64).sum();
+        // The batches after it were not stored either (the hub stores a device's batches in
+        // order); their records go out again in new batches after this one.
         self.change(|s| {
             s.inflight = Some(Inflight {
                 last_id,
                 readings,
                 ..inflight
             });
+            s.later.clear();
         })?;
         Ok(Outcome::Again)
     }
@@ -545,6 +569,7 @@ impl Sender {
         self.change(|s| {
             s.refused_readings = s.refused_readings.saturating_add(readings);
             s.inflight = None;
+            s.later.clear();
         })?;
         with_spool(&self.spool, move |s| s.ack(through)).await?;
         self.figures
@@ -555,10 +580,9 @@ impl Sender {
     }
 
     /// Counts a request's bytes against the month (saved with the next state change).
-    fn count_bytes(&mut self, body_bytes: u64) {
+    fn count_bytes(&mut self, body_bytes: u64, overhead: u64) {
         let month = budget::month_of(now_ms());
-        self.state
-            .count_bytes(month, body_bytes + budget::REQUEST_OVERHEAD_BYTES);
+        self.state.count_bytes(month, body_bytes + overhead);
         let mut figures = self.figures.lock().unwrap_or_else(|e| e.into_inner());
         figures.month = self.state.month;
         figures.month_bytes = self.state.month_bytes;

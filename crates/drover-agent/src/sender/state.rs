@@ -27,9 +27,14 @@ pub struct Inflight {
 pub struct SenderState {
     /// The sequence number the next new batch gets (starts at 1; never reused).
     pub next_seq: u64,
-    /// The batch sent but not yet acknowledged, if any.
+    /// The oldest batch sent but not yet acknowledged, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inflight: Option<Inflight>,
+    /// The batches sent after `inflight` on the telemetry stream and not yet acknowledged, in
+    /// order: increasing sequence numbers over consecutive spool records. Empty unless
+    /// `inflight` is set.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub later: Vec<Inflight>,
     /// The calendar month (UTC) `month_bytes` counts, as `year * 12 + month - 1`.
     #[serde(default)]
     pub month: i64,
@@ -43,6 +48,34 @@ pub struct SenderState {
 }
 
 impl SenderState {
+    /// The batches not yet acknowledged, oldest first.
+    pub fn window(&self) -> impl Iterator<Item = &Inflight> {
+        self.inflight.iter().chain(self.later.iter())
+    }
+
+    /// How many batches are not yet acknowledged.
+    pub fn window_len(&self) -> usize {
+        self.inflight.map_or(0, |_| 1 + self.later.len())
+    }
+
+    /// Adds a new batch at the end of the window.
+    pub fn push(&mut self, batch: Inflight) {
+        if self.inflight.is_none() {
+            self.inflight = Some(batch);
+        } else {
+            self.later.push(batch);
+        }
+    }
+
+    /// Removes the oldest batch of the window (acknowledged or dropped).
+    pub fn pop(&mut self) {
+        self.inflight = if self.later.is_empty() {
+            None
+        } else {
+            Some(self.later.remove(0))
+        };
+    }
+
     /// Reads the state; a fresh one when there is none.
     pub fn load(path: &Path) -> Result<SenderState, FileError> {
         let mut state: SenderState = fsutil::read_json(path)?.unwrap_or_default();
@@ -88,12 +121,18 @@ mod tests {
         let fresh = SenderState::load(&path).unwrap();
         assert_eq!(fresh.next_seq, 1);
         let mut state = fresh;
-        state.next_seq = 8;
+        state.next_seq = 9;
         state.inflight = Some(Inflight {
             seq: 7,
             first_id: 3,
             last_id: 9,
             readings: 21,
+        });
+        state.later.push(Inflight {
+            seq: 8,
+            first_id: 10,
+            last_id: 12,
+            readings: 9,
         });
         state.count_bytes(24_310, 500);
         state.save(&path).unwrap();

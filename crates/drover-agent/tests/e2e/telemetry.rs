@@ -230,14 +230,32 @@ async fn modbus_meters_on_a_gateway_reach_the_hub_under_their_serial_numbers() {
 /// during ingest; acknowledgements lost on the way back. Every reading is stored exactly once.
 #[tokio::test]
 async fn kills_restarts_and_lost_acknowledgements_store_every_reading_exactly_once() {
+    kills_restarts_and_lost_acknowledgements(true).await;
+}
+
+#[tokio::test]
+async fn kills_restarts_and_lost_acknowledgements_with_a_request_per_batch() {
+    kills_restarts_and_lost_acknowledgements(false).await;
+}
+
+/// The agent killed while spooling and sending, answers cut after the hub stored, and the hub
+/// restarted: every reading stored exactly once, on the telemetry stream (`stream`) or with a
+/// request per batch.
+async fn kills_restarts_and_lost_acknowledgements(stream: bool) {
     let fleet = Fleet::sqlite().await;
     // The first two batches' answers are cut after the hub stored them: the agent must send it again
     // under the same number, and the hub must drop the copy.
-    let proxy = CuttingProxy::start(fleet.hub.hub.addr, "/device/v1/batches", 0, 2)
+    // On the stream, the cut comes after the answer's head (about 140 bytes), inside the
+    // first confirmation.
+    let cut_after = if stream { 150 } else { 0 };
+    let proxy = CuttingProxy::start(fleet.hub.hub.addr, "/device/v1/batches", cut_after, 2)
         .await
         .unwrap();
     let mut device = Device::via(&fleet, &proxy);
     quick(&mut device);
+    device.config.telemetry.stream = stream;
+    // On the stream, a confirmation every 5 batches, so that kills and cuts find some waiting.
+    device.config.telemetry.ack_interval = Duration::from_secs(1);
     counting_meter(&mut device, Duration::from_millis(100), 1);
     let mut agent = device.spawn(None);
     let id = device.wait_enrolled().await;
@@ -251,6 +269,26 @@ async fn kills_restarts_and_lost_acknowledgements_store_every_reading_exactly_on
         agent = device.spawn(None);
     }
     assert!(proxy.cuts_done() >= 1, "no acknowledgement was lost");
+    let streams = proxy
+        .requests()
+        .iter()
+        .filter(|r| r.path == "/device/v1/batches/stream")
+        .count();
+    let requests = proxy
+        .requests()
+        .iter()
+        .filter(|r| r.path == "/device/v1/batches")
+        .count();
+    if stream {
+        assert!(
+            streams >= 6,
+            "{streams} streams opened (one per agent at least)"
+        );
+        assert_eq!(requests, 0, "batches went as requests besides the stream");
+    } else {
+        assert_eq!(streams, 0);
+        assert!(requests > 10);
+    }
 
     // The hub restarted while the agent sends.
     let fleet = Fleet {

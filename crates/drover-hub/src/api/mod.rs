@@ -37,7 +37,8 @@ pub fn router(hub: HubState) -> Router {
         .route("/device/v1/checkin", post(device::checkin))
         .route("/device/v1/reports", post(device::reports))
         .route("/device/v1/artifacts/{sha256}", get(device::artifact))
-        .route("/device/v1/batches", post(telemetry::batches));
+        .route("/device/v1/batches", post(telemetry::batches))
+        .route("/device/v1/batches/stream", post(telemetry::stream));
     let manage = Router::new()
         .route("/api/v1/whoami", get(whoami))
         .route("/api/v1/fleets", get(fleets::list).post(fleets::create))

@@ -26,6 +26,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+use drover_protocol::ids::DeviceId;
 use drover_protocol::reading::Channel;
 use sqlx::Row as _;
 
@@ -116,6 +117,20 @@ struct BlobRow {
 }
 
 impl Store {
+    /// The highest batch sequence number stored for a device (0 when none, or no such device).
+    pub async fn last_batch_seq(&self, org_id: i64, device: &DeviceId) -> StoreResult<u64> {
+        let row = sqlx::query("SELECT last_batch_seq FROM devices WHERE org_id = $1 AND id = $2")
+            .bind(org_id)
+            .bind(device.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+        let last: i64 = match row {
+            Some(row) => row.try_get("last_batch_seq")?,
+            None => 0,
+        };
+        Ok(u64::try_from(last).unwrap_or(0))
+    }
+
     /// Folds a group of checked batches into the store in one transaction; see the module
     /// docs. Returns each batch's outcome, in order, and the points stored.
     pub async fn fold_batches(

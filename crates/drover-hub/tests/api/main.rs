@@ -182,6 +182,7 @@ both_engines!(
     presence_and_fleet_status_follow_checkins,
     sites_answer_who_has_this_box,
     batches_are_stored_once_and_queryable,
+    the_stream_stores_in_order_answers_when_asked_and_refuses_bad_messages,
     bad_frames_are_refused_and_nothing_is_stored,
     new_points_stream_live,
     energy_reports_handle_resets_replacements_and_freeze,

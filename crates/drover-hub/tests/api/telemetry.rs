@@ -1,5 +1,6 @@
 //! Telemetry batches through the bridge, and the query API on what was stored.
 
+use drover_protocol::batch::stream::StreamContext;
 use drover_protocol::batch::{self, Batch, synthetic};
 use drover_protocol::ids::DeviceId;
 use drover_protocol::reading::Reading;
@@ -656,4 +657,238 @@ pub(crate) async fn telemetry_status_from_checkins_is_shown(hub: &TestHub) {
     assert_eq!(view["telemetry"]["dropped"], 37, "{view}");
     assert_eq!(view["telemetry"]["budget_bytes"], 50_000_000);
     assert!(view["telemetry_bytes"].as_i64().unwrap() > 0, "{view}");
+}
+
+/// An open telemetry stream, as a test drives it: messages in, reply lines out.
+struct TestStream {
+    body: tokio::sync::mpsc::Sender<Vec<u8>>,
+    response: reqwest::Response,
+    buf: Vec<u8>,
+    last_seq: u64,
+}
+
+impl TestStream {
+    async fn open(device: &TestDevice) -> Result<TestStream, (u16, Value)> {
+        let (body, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(16);
+        let stream = futures_util::stream::poll_fn(move |cx| {
+            rx.poll_recv(cx).map(|m| m.map(Ok::<_, std::io::Error>))
+        });
+        let response = device
+            .http
+            .post(format!("{}/device/v1/batches/stream", device.base))
+            .bearer_auth(&device.credential)
+            .header("content-type", batch::stream::CONTENT_TYPE)
+            .body(reqwest::Body::wrap_stream(stream))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        if status != 200 {
+            let text = response.text().await.unwrap();
+            return Err((status, serde_json::from_str(&text).unwrap_or(Value::Null)));
+        }
+        assert_eq!(
+            response.headers()["content-type"],
+            batch::stream::REPLY_CONTENT_TYPE
+        );
+        let last_seq = response.headers()["drover-last-seq"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        Ok(TestStream {
+            body,
+            response,
+            buf: Vec::new(),
+            last_seq,
+        })
+    }
+
+    async fn send(&self, frame: &[u8], ack: bool) {
+        let mut message = Vec::new();
+        batch::stream::encode_message(frame, ack, &mut message);
+        self.body.send(message).await.unwrap();
+    }
+
+    async fn send_raw(&self, bytes: &[u8]) {
+        self.body.send(bytes.to_vec()).await.unwrap();
+    }
+
+    /// The next reply line; `None` once the hub ended the stream.
+    async fn reply(&mut self) -> Option<Value> {
+        loop {
+            if let Some(end) = self.buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=end).collect();
+                return Some(serde_json::from_slice(&line).unwrap());
+            }
+            let chunk = tokio::time::timeout(Duration::from_secs(20), self.response.chunk())
+                .await
+                .expect("no reply from the hub")
+                .unwrap()?;
+            self.buf.extend_from_slice(&chunk);
+        }
+    }
+
+    /// Reads the refusal that ends the stream (after the `stored` line before it).
+    async fn refusal(&mut self) -> Value {
+        let stored = self
+            .reply()
+            .await
+            .expect("a stored line before the refusal");
+        assert!(stored.get("stored").is_some(), "{stored}");
+        let refused = self.reply().await.expect("a refusal");
+        assert!(refused.get("refused").is_some(), "{refused}");
+        assert_eq!(
+            self.reply().await,
+            None,
+            "the stream goes on after a refusal"
+        );
+        refused
+    }
+}
+
+pub(crate) async fn the_stream_stores_in_order_answers_when_asked_and_refuses_bad_messages(
+    hub: &TestHub,
+) {
+    let api = hub.api();
+    let (pk, _) = api.create_fleet("solar", true, 60).await.unwrap();
+    let (_, _, device) = TestDevice::enroll(hub, &pk).await;
+
+    let mut stream = TestStream::open(&device).await.unwrap();
+    assert_eq!(stream.last_seq, 0);
+    // Unasked, the hub says nothing; asked, it confirms everything up to then at once.
+    stream.send(&device.frame(1, readings(0..30)), false).await;
+    stream.send(&device.frame(2, readings(30..60)), true).await;
+    assert_eq!(stream.reply().await, Some(json!({"stored": 2})));
+    // A resend is confirmed and stored once; a bare request for an answer gets one.
+    stream.send(&device.frame(1, readings(0..30)), false).await;
+    stream.send(&[], true).await;
+    assert_eq!(stream.reply().await, Some(json!({"stored": 2})));
+    // A reading far in the future: refused like the request would be, and the stream ends
+    // without reading what came after it.
+    let mut future = readings(60..90);
+    future[0].ts_ms = drover_hub::store::now_ms() + 3_600_000;
+    stream.send(&device.frame(3, future), false).await;
+    stream.send(&device.frame(4, readings(90..120)), true).await;
+    let refused = stream.refusal().await;
+    assert_eq!(refused["refused"], 3);
+    assert_eq!(refused["status"], 422);
+    assert_eq!(refused["error"], "implausible_batch");
+
+    // A new stream starts from what is stored: batch 4 was never read. Stream frames are read
+    // against the frames before them on the same stream, starting from that number.
+    let mut stream = TestStream::open(&device).await.unwrap();
+    assert_eq!(stream.last_seq, 2);
+    let id = DeviceId::parse(&device.id).unwrap();
+    let mut context = StreamContext::new(id.clone(), stream.last_seq);
+    let frames: Vec<Vec<u8>> = [(3, 60..90), (4, 90..120)]
+        .into_iter()
+        .map(|(seq, polls)| {
+            context
+                .encode(&Batch {
+                    device: id.clone(),
+                    seq,
+                    readings: readings(polls),
+                })
+                .unwrap()
+        })
+        .collect();
+    assert!(frames[1].len() < device.frame(4, readings(90..120)).len());
+    stream.send(&frames[0], false).await;
+    stream.send(&frames[1], true).await;
+    assert_eq!(stream.reply().await, Some(json!({"stored": 4})));
+    drop(stream);
+    // Outside the stream a stream frame means nothing.
+    let (status, body, _) = device.send_batch(frames[0].clone()).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"], "batch_invalid", "{body}");
+
+    // Frames the request path refuses are refused here with the same codes.
+    let other = DeviceId::parse("zzzzzzzzzz").unwrap();
+    let foreign = batch::encode(&Batch {
+        device: other,
+        seq: 5,
+        readings: readings(120..130),
+    })
+    .unwrap();
+    let mut damaged = device.frame(5, readings(120..130));
+    let n = damaged.len();
+    damaged[n - 1] ^= 0xff;
+    let mut too_large = Vec::new();
+    let huge = ((batch::MAX_BATCH_BYTES as u64) + 1) << 1;
+    for shift in [0, 7, 14] {
+        too_large.push(((huge >> shift) & 0x7f) as u8 | 0x80);
+    }
+    too_large.push((huge >> 21) as u8);
+    for (bytes, status, code) in [
+        (message(&foreign), 403, "device_mismatch"),
+        (message(&damaged), 400, "batch_checksum"),
+        (vec![0x80, 0x80, 0x80, 0x80, 0x80], 400, "stream_header"),
+        (too_large, 413, "batch_too_large"),
+    ] {
+        let mut stream = TestStream::open(&device).await.unwrap();
+        stream.send_raw(&bytes).await;
+        let refused = stream.refusal().await;
+        assert_eq!(refused["status"], status, "{refused}");
+        assert_eq!(refused["error"], code, "{refused}");
+        assert!(!refused["message"].as_str().unwrap().is_empty());
+    }
+    // A body that ends inside a message.
+    let mut stream = TestStream::open(&device).await.unwrap();
+    stream
+        .send_raw(&message(&device.frame(5, readings(120..130)))[..20])
+        .await;
+    // Ends the body: the old sender is dropped.
+    stream.body = tokio::sync::mpsc::channel(1).0;
+    let refused = stream.refusal().await;
+    assert_eq!(refused["error"], "batch_truncated", "{refused}");
+
+    // Nothing of the refused messages was stored: batches 1 to 4, 120 polls of 3 channels.
+    let (_, series) = api
+        .get(&format!("/api/v1/series?device={}", device.id))
+        .await
+        .unwrap();
+    let total: u64 = series
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["points"].as_u64().unwrap())
+        .sum();
+    assert_eq!(total, 360, "{series}");
+
+    // The stream is the device's: a wrong content type or credential is refused when it opens,
+    // and a device revoked while its stream is open is stopped at its next batch.
+    for (credential, content_type, status) in [
+        ("drv_d_wrong", batch::stream::CONTENT_TYPE, 401),
+        (device.credential.as_str(), "application/json", 415),
+    ] {
+        let response = device
+            .http
+            .post(format!("{}/device/v1/batches/stream", device.base))
+            .bearer_auth(credential)
+            .header("content-type", content_type)
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), status);
+    }
+    let mut stream = TestStream::open(&device).await.unwrap();
+    let (status, _) = api
+        .post(&format!("/api/v1/devices/{}/revoke", device.id), json!({}))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    stream
+        .send(&device.frame(5, readings(120..150)), true)
+        .await;
+    let refused = stream.refusal().await;
+    assert_eq!(refused["status"], 403, "{refused}");
+    assert_eq!(refused["error"], "device_revoked", "{refused}");
+}
+
+fn message(frame: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    batch::stream::encode_message(frame, true, &mut out);
+    out
 }

@@ -42,6 +42,9 @@
 pub(crate) mod bits;
 pub(crate) mod column;
 mod frame;
+pub mod stream;
+#[cfg(test)]
+mod stream_tests;
 pub mod synthetic;
 #[cfg(test)]
 mod tests;
@@ -54,6 +57,10 @@ use crate::reading::{BadMeterId, ClockState, Reading};
 /// The format version in the first byte of every frame. A decoder refuses other versions with
 /// [`BatchError::UnsupportedVersion`]; every version ends with a CRC-32 of the bytes before it.
 pub const FORMAT_VERSION: u8 = 1;
+
+/// The format version of a stream frame: a frame written against the frames before it on the
+/// same telemetry stream ([`stream::StreamContext`]), valid only there.
+pub const STREAM_FORMAT_VERSION: u8 = 2;
 
 /// The `Content-Type` of a request whose body is one frame.
 pub const CONTENT_TYPE: &str = "application/x-drover-batch";
