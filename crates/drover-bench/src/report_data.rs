@@ -224,7 +224,10 @@ pub fn wire_section(report: &wire::Report, machine: &Machine) -> String {
          counted as IP packets (IPv4 and TCP headers included, TCP options too) captured by \
          tcpdump on the loopback interface ({tool}), uplink (device → hub) and downlink \
          separately. The device sends the synthetic 3-channel meter polled every 2 s \
-         (`synthetic::solar_meter`) as Drover batches to `POST /device/v1/batches` over HTTPS \
+         (`synthetic::solar_meter`) as Drover batches over HTTPS, either as stream frames on \
+         the telemetry stream (`POST /device/v1/batches/stream`, each frame written against the \
+         one before it, a confirmation asked for every 5 minutes of batches, as the agent does \
+         by default) or as plain frames, one `POST /device/v1/batches` each, \
          to a `drover hub --tls-self-signed` (TLS 1.3, trusting the hub's local CA), in \
          1-minute batches (30 polls, 90 points) and 5-minute batches (150 polls, 450 points). \
          The client is set up as the agent's (`drover-agent/src/client.rs`): reqwest with \

@@ -399,12 +399,21 @@ impl Sender {
             );
             self.change(SenderState::pop)?;
         }
+        self.new_batch(0).await
+    }
+
+    /// A new batch of the spool's records from id `after` on (0: the oldest), numbered and
+    /// written to `telemetry.json` before it is first sent; `None` when there are none.
+    async fn new_batch(
+        &mut self,
+        after: u64,
+    ) -> Result<Option<(Inflight, Vec<Record>)>, SenderError> {
         let max = self.config.max_batch_readings;
-        let records = with_spool(&self.spool, move |s| s.read(0, max)).await?;
+        let records = with_spool(&self.spool, move |s| s.read(after, max)).await?;
         let (Some(first), Some(last)) = (records.first(), records.last()) else {
             return Ok(None);
         };
-        let inflight = Inflight {
+        let batch = Inflight {
             seq: self.state.next_seq,
             first_id: first.id,
             last_id: last.id,
@@ -413,12 +422,12 @@ impl Sender {
         // Durable before it is sent: the number and the records stay together from here on.
         self.change(|s| {
             s.next_seq += 1;
-            s.push(inflight);
+            s.push(batch);
         })?;
-        self.unsent = Some(inflight.seq);
+        self.unsent = Some(batch.seq);
         let appended = with_spool(&self.spool, |s| Ok(s.appended_total())).await?;
         self.observe_rate(appended);
-        Ok(Some((inflight, records)))
+        Ok(Some((batch, records)))
     }
 
     fn observe_rate(&mut self, appended: u64) {

@@ -298,25 +298,7 @@ impl Sender {
             return Ok(None);
         }
         let after = self.state.window().last().map_or(0, |b| b.last_id + 1);
-        let max = self.config.max_batch_readings;
-        let records = with_spool(&self.spool, move |s| s.read(after, max)).await?;
-        let (Some(first), Some(last)) = (records.first(), records.last()) else {
-            return Ok(None);
-        };
-        let batch = Inflight {
-            seq: self.state.next_seq,
-            first_id: first.id,
-            last_id: last.id,
-            readings: records.iter().map(|r| r.readings.len() as u64).sum(),
-        };
-        self.change(|s| {
-            s.next_seq += 1;
-            s.push(batch);
-        })?;
-        self.unsent = Some(batch.seq);
-        let appended = with_spool(&self.spool, |s| Ok(s.appended_total())).await?;
-        self.observe_rate(appended);
-        Ok(Some((batch, records)))
+        self.new_batch(after).await
     }
 
     /// The spool records of a batch of the window (fewer, or none, when a full spool dropped
