@@ -38,8 +38,9 @@ struct Series {
 /// The most meters a stream's context remembers; meters past it travel in full every time.
 pub const MAX_STREAM_METERS: usize = 1024;
 
-/// The most series values a stream's context remembers, over all its meters; series past it
-/// are written relative to 0.
+/// The most series a stream's context remembers, over all its meters, both as values (series
+/// past it are written relative to 0) and in the meters' shapes (a shape past it is forgotten,
+/// and the meter's next frame gives its series headers again).
 pub const MAX_STREAM_SERIES: usize = 4096;
 
 /// What the frames before this one on a telemetry stream said, against which a stream frame
@@ -53,14 +54,17 @@ pub struct StreamContext {
     last_time: i64,
     meters: Vec<KnownMeter>,
     index: HashMap<MeterId, usize>,
+    /// Series values remembered, over all meters.
     series: usize,
+    /// Series in the remembered shapes, over all meters.
+    shape_series: usize,
 }
 
 /// A meter the stream has carried.
 #[derive(Debug, Clone)]
 pub(super) struct KnownMeter {
     id: MeterId,
-    /// Its series headers the last time it came (`None` before it came in full).
+    /// Its series headers the last time it came (`None` when they did not fit in the limit).
     shape: Option<Shape>,
     /// The latest value of each of its series (channel, scale).
     last: Vec<(Channel, i8, i64)>,
@@ -85,6 +89,7 @@ impl StreamContext {
             meters: Vec::new(),
             index: HashMap::new(),
             series: 0,
+            shape_series: 0,
         }
     }
 
@@ -128,15 +133,26 @@ impl StreamContext {
             self.last_time = latest;
         }
         for (id, shape) in shapes {
-            if let Some(&i) = self.index.get(&id) {
+            let i = match self.index.get(&id) {
+                Some(&i) => i,
+                None if self.meters.len() < MAX_STREAM_METERS => {
+                    self.index.insert(id.clone(), self.meters.len());
+                    self.meters.push(KnownMeter {
+                        id,
+                        shape: None,
+                        last: Vec::new(),
+                    });
+                    self.meters.len() - 1
+                }
+                None => continue,
+            };
+            // The shapes' series count against the same limit as the values: past it, a
+            // meter's shape is forgotten (its next frame gives its headers again).
+            let old = self.meters[i].shape.take().map_or(0, |s| s.series.len());
+            self.shape_series -= old;
+            if self.shape_series + shape.series.len() <= MAX_STREAM_SERIES {
+                self.shape_series += shape.series.len();
                 self.meters[i].shape = Some(shape);
-            } else if self.meters.len() < MAX_STREAM_METERS {
-                self.index.insert(id.clone(), self.meters.len());
-                self.meters.push(KnownMeter {
-                    id,
-                    shape: Some(shape),
-                    last: Vec::new(),
-                });
             }
         }
         let series = readings

@@ -8,7 +8,7 @@ use super::bits::BitWriter;
 use super::stream::{MAX_STREAM_METERS, StreamContext};
 use super::tests::{device, golden_batch, hex, loose_readings, polled_readings, seal, unhex};
 use super::*;
-use crate::reading::{Channel, MeterId};
+use crate::reading::{CHANNELS, Channel, MeterId};
 
 /// The golden batch, then the same meters six seconds later with the clock synced: the stream
 /// of the example in docs/protocol.md, opened with `Drover-Last-Seq: 6`.
@@ -217,6 +217,49 @@ fn a_stream_with_more_meters_than_its_context_keeps_the_rest_in_full() {
     for (frame, batch) in frames.iter().zip(&batches) {
         assert_eq!(context.decode(frame).unwrap(), batch.canonical());
     }
+}
+
+/// Meters of 1,024 series each: the fifth one's shape is past the context's limit, so it is
+/// forgotten, and that meter's headers travel again the next time.
+#[test]
+fn shapes_past_the_context_limit_are_forgotten_not_lost() {
+    let scales: Vec<i8> = (-128i8..=127).collect();
+    let meter_of = |m: usize, seq: u64| Batch {
+        device: device(),
+        seq,
+        readings: CHANNELS[..4]
+            .iter()
+            .flat_map(|&channel| scales.iter().map(move |&scale| (channel, scale)))
+            .map(|(channel, scale)| Reading {
+                meter: MeterId::parse(&format!("m{m}")).unwrap(),
+                channel,
+                ts_ms: synthetic::START_MS + seq as i64 * 60_000,
+                value: i64::from(scale) + seq as i64,
+                scale,
+                clock: ClockState::Synced,
+            })
+            .collect(),
+    };
+    let batches: Vec<Batch> = (0..12).map(|i| meter_of(i % 6, i as u64 + 1)).collect();
+    assert_eq!(batches[0].readings.len(), MAX_SERIES);
+    let frames = stream_frames(&batches, 0);
+    let mut context = StreamContext::new(device(), 0);
+    for (frame, batch) in frames.iter().zip(&batches) {
+        assert_eq!(context.decode(frame).unwrap(), batch.canonical());
+    }
+    // The second time round, the first meters' headers are left out, the later ones' are not.
+    assert!(
+        frames[6].len() + 1000 < frames[0].len(),
+        "{} {}",
+        frames[6].len(),
+        frames[0].len()
+    );
+    assert!(
+        frames[11].len() + 1000 > frames[5].len(),
+        "{} {}",
+        frames[11].len(),
+        frames[5].len()
+    );
 }
 
 // Errors.
