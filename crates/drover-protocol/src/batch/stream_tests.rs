@@ -6,7 +6,9 @@ use proptest::prelude::*;
 
 use super::bits::BitWriter;
 use super::stream::{MAX_STREAM_METERS, StreamContext};
-use super::tests::{device, golden_batch, hex, loose_readings, polled_readings, seal, unhex};
+use super::tests::{
+    device, fields, golden_batch, hex, loose_readings, polled_readings, seal, unhex,
+};
 use super::*;
 use crate::reading::{CHANNELS, Channel, MeterId};
 
@@ -47,15 +49,7 @@ fn annotate_after(before: &[Batch], batch: &Batch, last_seq: u64) -> String {
     for b in before {
         context.encode(b).unwrap();
     }
-    let body = super::frame::encode_body(batch, Some(&context)).unwrap().0;
-    let total = body.bit_len();
-    let trace = &body.trace;
-    let mut out = String::new();
-    for (i, (at, what)) in trace.iter().enumerate() {
-        let end = trace.get(i + 1).map_or(total, |next| next.0);
-        out += &format!("{at:>5} {:>4}  {what}\n", end - at);
-    }
-    out
+    fields(&super::frame::encode_body(batch, Some(&context)).unwrap().0)
 }
 
 #[test]

@@ -61,7 +61,11 @@ const GOLDEN: &str = "0124a7578cc70f850002f4e79c1122000ebde30a7534c4005fd1014060
 /// The fields of a batch's body with their bit offsets and lengths, as in the annotated example
 /// in docs/protocol.md.
 pub(super) fn annotate(batch: &Batch) -> String {
-    let body = frame::encode_body(batch, None).unwrap().0;
+    fields(&frame::encode_body(batch, None).unwrap().0)
+}
+
+/// The fields an encoder wrote, one per line: bit offset, length and what it is.
+pub(super) fn fields(body: &BitWriter) -> String {
     let total = body.bit_len();
     let trace = &body.trace;
     let mut out = String::new();
