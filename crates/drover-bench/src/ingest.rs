@@ -123,9 +123,13 @@ pub struct Run {
     pub hub_first: bool,
     /// Points the hub acknowledged per second.
     pub hub_points_per_sec: f64,
+    /// Points per second until a query had them all: from the first batch sent until the
+    /// query that follows the last acknowledgement (which folds every landed batch) answered.
+    pub hub_queryable_points_per_sec: f64,
     /// Points per second into the one-row-per-point reference.
     pub raw_points_per_sec: f64,
-    /// CPU time of the hub process per point, in nanoseconds.
+    /// CPU time of the hub process per point, in nanoseconds, until the points were queryable
+    /// (folding included).
     pub hub_cpu_ns_per_point: f64,
     /// CPU time of this process (sqlx and SQLite's work) per point of the reference, in
     /// nanoseconds; PostgreSQL's server processes are not counted.
@@ -251,7 +255,7 @@ async fn measure_engine(
             );
         }
         let hub_first = checkin::hub_goes_first(i);
-        let ((hub_seconds, cpu_seconds, retries), (raw_seconds, raw_cpu_seconds)) = if hub_first {
+        let (hub_run, (raw_seconds, raw_cpu_seconds)) = if hub_first {
             let hub_run = measure_hub(&mut hub, &devices, work.frames).await?;
             (hub_run, measure_reference(&reference, &work.rows).await?)
         } else {
@@ -260,17 +264,19 @@ async fn measure_engine(
         };
         let run = Run {
             hub_first,
-            hub_points_per_sec: points as f64 / hub_seconds,
+            hub_points_per_sec: points as f64 / hub_run.acked_seconds,
+            hub_queryable_points_per_sec: points as f64 / hub_run.queryable_seconds,
             raw_points_per_sec: points as f64 / raw_seconds,
-            hub_cpu_ns_per_point: cpu_seconds * 1e9 / points as f64,
+            hub_cpu_ns_per_point: hub_run.cpu_seconds * 1e9 / points as f64,
             raw_cpu_ns_per_point: raw_cpu_seconds * 1e9 / points as f64,
-            retries,
+            retries: hub_run.retries,
         };
         eprintln!(
-            "run {}/{}: hub {:>9.0} points/s ({:.0} CPU ns/point, {} retries), reference {:>9.0} points/s ({:.0} CPU ns/point)",
+            "run {}/{}: hub {:>9.0} points/s acknowledged, {:>9.0} queryable ({:.0} CPU ns/point, {} retries), reference {:>9.0} points/s ({:.0} CPU ns/point)",
             i + 1,
             run_count,
             run.hub_points_per_sec,
+            run.hub_queryable_points_per_sec,
             run.hub_cpu_ns_per_point,
             run.retries,
             run.raw_points_per_sec,
@@ -355,21 +361,40 @@ impl Plan {
     }
 }
 
-/// Sends each device's frames on its own task; returns the seconds it took, the hub's CPU
-/// seconds meanwhile and the number of `503` retries.
+/// One measured run of the hub.
+struct HubRun {
+    /// Until the last batch was acknowledged.
+    acked_seconds: f64,
+    /// Until a query had every point (it folds what landed first).
+    queryable_seconds: f64,
+    /// The hub's CPU seconds until then.
+    cpu_seconds: f64,
+    /// `503` answers (the batch was sent again).
+    retries: u64,
+}
+
+/// Sends each device's frames on its own task, then asks for a device's series (which folds
+/// every landed batch first); returns the times, the hub's CPU seconds meanwhile and the number
+/// of `503` retries.
 async fn measure_hub(
     hub: &mut Hub,
     devices: &[EnrolledDevice],
     frames: Vec<Vec<Vec<u8>>>,
-) -> anyhow::Result<(f64, f64, u64)> {
+) -> anyhow::Result<HubRun> {
     let cpu_before = procfs::cpu_ticks_tree(hub.pid())?;
     let started = Instant::now();
     let retries = send_all(hub, devices, frames).await?;
-    let seconds = started.elapsed().as_secs_f64();
+    let acked_seconds = started.elapsed().as_secs_f64();
+    hub.series(devices[0].id.as_str()).await?;
+    let queryable_seconds = started.elapsed().as_secs_f64();
     let cpu_after = procfs::cpu_ticks_tree(hub.pid())?;
     hub.ensure_running()?;
-    let cpu_seconds = cpu_after.saturating_sub(cpu_before) as f64 / procfs::TICKS_PER_SEC as f64;
-    Ok((seconds, cpu_seconds, retries))
+    Ok(HubRun {
+        acked_seconds,
+        queryable_seconds,
+        cpu_seconds: cpu_after.saturating_sub(cpu_before) as f64 / procfs::TICKS_PER_SEC as f64,
+        retries,
+    })
 }
 
 /// Inserts the rows into the reference; returns the seconds it took and this process's CPU

@@ -57,14 +57,18 @@ pub fn ingest_section(report: &ingest::Report, machine: &Machine) -> String {
          keep-alive HTTP/1.1 connection (plain HTTP on loopback), one batch after another as \
          the agent's sender does. Loads, as `DEVICESxBATCHESxMINUTES`: {loads}. One-hour \
          batches are a device catching up; one-minute batches are what a connected agent sends. \
-         The hub answers `204` only once the writer has committed the batch (group commit), so \
-         a `204` is a durable acknowledgement; a `503` (queue full) is retried after \
-         `Retry-After` with the same sequence number, and the time it costs counts. One \
-         `drover hub` per load and engine (release build, default settings: \
-         `ingest_queue_capacity` 4096, `ingest_group_max` 512, from \
-         `crates/drover-hub/src/config.rs`; `hub.example.toml` does not list them) on SQLite \
-         (WAL, `synchronous=FULL`) and on PostgreSQL; the batches are encoded before the clock \
-         starts.\n"
+         The hub answers `204` only once the writer has committed the batch where it lands \
+         (one row of `landed_batches`, group commit), so a `204` is a durable acknowledgement; \
+         a `503` (queue full) is retried after `Retry-After` with the same sequence number, and \
+         the time it costs counts. *Acknowledged* counts until the last `204`; *queryable* \
+         counts until a `GET /api/v1/series` sent after it has answered: a query first folds \
+         every landed batch into chunks and rollups, so by then every point is where a query \
+         reads it (the folder also folds on its own, in the background, meanwhile). The hub's \
+         CPU is counted until queryable, folding included. One `drover hub` per load and engine \
+         (release build, default settings: `ingest_queue_capacity` 4096, `ingest_group_max` \
+         512, `ingest_fold_delay_ms` 1000, `ingest_fold_batches` 4096, from \
+         `crates/drover-hub/src/config.rs`) on SQLite (WAL, `synchronous=FULL`) and on \
+         PostgreSQL; the batches are encoded before the clock starts.\n"
     );
     let _ = writeln!(
         out,
@@ -94,8 +98,8 @@ pub fn ingest_section(report: &ingest::Report, machine: &Machine) -> String {
         runs = o.runs,
     );
     out.push_str(
-        "| engine | load | hub points/s | reference points/s | hub / reference | hub / reference, paired | hub CPU ns/point | reference CPU ns/point | 503 retries |\n\
-         | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+        "| engine | load | hub points/s, acknowledged | hub points/s, queryable | reference points/s | hub / reference | hub / reference, paired | queryable / reference | hub CPU ns/point | reference CPU ns/point | 503 retries |\n\
+         | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
     );
     let mut verdicts = Vec::new();
     let mut all_met = true;
@@ -103,13 +107,15 @@ pub fn ingest_section(report: &ingest::Report, machine: &Machine) -> String {
         let s = IngestSummary::of(engine);
         let _ = writeln!(
             out,
-            "| {} | `{}` | {:.0} | {:.0} | **{:.2}** | **{:.2}** | {:.0} | {:.0} | {} |",
+            "| {} | `{}` | {:.0} | {:.0} | {:.0} | **{:.2}** | **{:.2}** | {:.2} | {:.0} | {:.0} | {} |",
             engine.engine,
             engine.load,
             s.hub,
+            s.queryable,
             s.raw,
             s.ratio(),
             s.paired,
+            s.queryable / s.raw,
             s.cpu_ns,
             s.raw_cpu_ns,
             s.retries
@@ -128,7 +134,7 @@ pub fn ingest_section(report: &ingest::Report, machine: &Machine) -> String {
         ));
     }
     if let Some(why) = &report.postgres_skipped {
-        let _ = writeln!(out, "| PostgreSQL | {why} | | | | | | | |");
+        let _ = writeln!(out, "| PostgreSQL | {why} | | | | | | | | | |");
     }
     let _ = writeln!(
         out,
@@ -161,21 +167,23 @@ pub fn ingest_section(report: &ingest::Report, machine: &Machine) -> String {
     );
     out.push_str("<details><summary>Every run</summary>\n\n");
     out.push_str(
-        "| engine | load | run | first | hub points/s | reference points/s | hub / reference | hub CPU ns/point | reference CPU ns/point | 503 retries |\n\
-         | --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+        "| engine | load | run | first | hub points/s, acknowledged | hub points/s, queryable | reference points/s | hub / reference | queryable / reference | hub CPU ns/point | reference CPU ns/point | 503 retries |\n\
+         | --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
     );
     for engine in &report.engines {
         for (i, r) in engine.runs.iter().enumerate() {
             let _ = writeln!(
                 out,
-                "| {} | `{}` | {} | {} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} | {} |",
+                "| {} | `{}` | {} | {} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} | {:.0} | {:.0} | {} |",
                 engine.engine,
                 engine.load,
                 i + 1,
                 if r.hub_first { "hub" } else { "reference" },
                 r.hub_points_per_sec,
+                r.hub_queryable_points_per_sec,
                 r.raw_points_per_sec,
                 r.hub_points_per_sec / r.raw_points_per_sec,
+                r.hub_queryable_points_per_sec / r.raw_points_per_sec,
                 r.hub_cpu_ns_per_point,
                 r.raw_cpu_ns_per_point,
                 r.retries
@@ -188,6 +196,7 @@ pub fn ingest_section(report: &ingest::Report, machine: &Machine) -> String {
 
 struct IngestSummary {
     hub: f64,
+    queryable: f64,
     raw: f64,
     paired: f64,
     cpu_ns: f64,
@@ -200,6 +209,7 @@ impl IngestSummary {
         let m = |f: fn(&ingest::Run) -> f64| med(&engine.runs.iter().map(f).collect::<Vec<_>>());
         IngestSummary {
             hub: m(|r| r.hub_points_per_sec),
+            queryable: m(|r| r.hub_queryable_points_per_sec),
             raw: m(|r| r.raw_points_per_sec),
             paired: m(|r| r.hub_points_per_sec / r.raw_points_per_sec),
             cpu_ns: m(|r| r.hub_cpu_ns_per_point),

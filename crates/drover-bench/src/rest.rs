@@ -80,6 +80,8 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
     }
     eprintln!("sending {points} points from {count} devices...");
     ingest::send_all(&hub, &devices, frames).await?;
+    // A query folds every landed batch into chunks and rollups before it answers.
+    hub.series(devices[0].id.as_str()).await?;
     hub.stop().await?;
     raw.close().await;
 

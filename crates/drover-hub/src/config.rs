@@ -18,8 +18,12 @@ pub const DEFAULT_MAX_ARTIFACT_BYTES: u64 = 1 << 30;
 pub const DEFAULT_MAX_JSON_BYTES: usize = 1 << 20;
 /// Telemetry batches that may wait for the writer before devices are told to retry later.
 pub const DEFAULT_INGEST_QUEUE_CAPACITY: usize = 4096;
-/// Most batches the writer folds into one transaction.
+/// Most batches the writer lands in one transaction.
 pub const DEFAULT_INGEST_GROUP_MAX: usize = 512;
+/// How long a landed batch may wait to be folded into chunks and rollups.
+pub const DEFAULT_INGEST_FOLD_DELAY_MS: u64 = 1000;
+/// Most landed batches folded in one transaction.
+pub const DEFAULT_INGEST_FOLD_BATCHES: usize = 4096;
 /// Days raw points are kept (then only rollups remain).
 pub const DEFAULT_RETENTION_RAW_DAYS: u32 = 400;
 /// Days 1-minute rollups are kept; hourly and daily rollups are kept for good.
@@ -70,9 +74,17 @@ pub struct HubConfig {
     /// Telemetry batches that may wait for the writer; beyond, devices get `503` and retry.
     #[serde(default = "default_ingest_queue")]
     pub ingest_queue_capacity: usize,
-    /// Most batches the writer folds into one transaction.
+    /// Most batches the writer lands in one transaction.
     #[serde(default = "default_ingest_group")]
     pub ingest_group_max: usize,
+    /// Milliseconds a landed batch may wait before the folder writes it into chunks and
+    /// rollups (sooner when a query or report needs it).
+    #[serde(default = "default_ingest_fold_delay")]
+    pub ingest_fold_delay_ms: u64,
+    /// Most landed batches folded in one transaction; 16 times as many waiting turn new
+    /// batches away (`503`) until the folder catches up.
+    #[serde(default = "default_ingest_fold_batches")]
+    pub ingest_fold_batches: usize,
     /// Days raw points are kept (0: forever).
     #[serde(default = "default_retention_raw")]
     pub retention_raw_days: u32,
@@ -126,6 +138,12 @@ fn default_ingest_queue() -> usize {
 fn default_ingest_group() -> usize {
     DEFAULT_INGEST_GROUP_MAX
 }
+fn default_ingest_fold_delay() -> u64 {
+    DEFAULT_INGEST_FOLD_DELAY_MS
+}
+fn default_ingest_fold_batches() -> usize {
+    DEFAULT_INGEST_FOLD_BATCHES
+}
 fn default_retention_raw() -> u32 {
     DEFAULT_RETENTION_RAW_DAYS
 }
@@ -172,6 +190,8 @@ impl HubConfig {
             max_json_bytes: DEFAULT_MAX_JSON_BYTES,
             ingest_queue_capacity: DEFAULT_INGEST_QUEUE_CAPACITY,
             ingest_group_max: DEFAULT_INGEST_GROUP_MAX,
+            ingest_fold_delay_ms: DEFAULT_INGEST_FOLD_DELAY_MS,
+            ingest_fold_batches: DEFAULT_INGEST_FOLD_BATCHES,
             retention_raw_days: DEFAULT_RETENTION_RAW_DAYS,
             retention_1m_days: DEFAULT_RETENTION_1M_DAYS,
         }
@@ -210,10 +230,20 @@ impl HubConfig {
                 self.presence_flush_ms
             )));
         }
-        if self.ingest_queue_capacity == 0 || self.ingest_group_max == 0 {
+        if self.ingest_queue_capacity == 0
+            || self.ingest_group_max == 0
+            || self.ingest_fold_batches == 0
+        {
             return Err(ConfigError::Invalid(
-                "ingest_queue_capacity and ingest_group_max must be at least 1".into(),
+                "ingest_queue_capacity, ingest_group_max and ingest_fold_batches must be at least 1"
+                    .into(),
             ));
+        }
+        if self.ingest_fold_delay_ms > 600_000 {
+            return Err(ConfigError::Invalid(format!(
+                "ingest_fold_delay_ms must be at most 600000, got {}",
+                self.ingest_fold_delay_ms
+            )));
         }
         if self.max_json_bytes < 1024 {
             return Err(ConfigError::Invalid(

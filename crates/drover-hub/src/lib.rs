@@ -109,10 +109,14 @@ pub async fn start(config: HubConfig, shutdown: CancellationToken) -> anyhow::Re
         capacity: config.ingest_queue_capacity,
         max_group: config.ingest_group_max,
     };
+    let folder =
+        telemetry::folder::Folder::new(store.clone(), live.clone(), config.ingest_fold_batches)
+            .await
+            .context("counting the landed telemetry batches")?;
     let (ingest, writer) = telemetry::queue::LocalQueue::start(
         store.clone(),
         queue_config,
-        live.clone(),
+        folder.clone(),
         shutdown.clone(),
     );
     let state = HubState(Arc::new(state::Shared {
@@ -123,6 +127,7 @@ pub async fn start(config: HubConfig, shutdown: CancellationToken) -> anyhow::Re
         operators: Default::default(),
         ingest: Arc::new(ingest),
         live,
+        folder: folder.clone(),
         config,
         shutdown: shutdown.clone(),
     }));
@@ -132,6 +137,11 @@ pub async fn start(config: HubConfig, shutdown: CancellationToken) -> anyhow::Re
             tracing::error!(error = %e, "the ingest writer failed");
         }
     });
+    tasks.spawn(telemetry::folder::run(
+        folder,
+        Duration::from_millis(state.config.ingest_fold_delay_ms),
+        shutdown.clone(),
+    ));
     tasks.spawn(telemetry::retention::run(state.clone(), shutdown.clone()));
     tasks.spawn(server::serve(
         listener,

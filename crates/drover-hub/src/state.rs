@@ -36,6 +36,8 @@ pub struct Shared {
     pub ingest: Arc<dyn crate::telemetry::queue::IngestQueue>,
     /// Every stored point, for live charts.
     pub live: tokio::sync::broadcast::Sender<crate::telemetry::fold::LivePoint>,
+    /// Folds landed batches into chunks and rollups; readers settle it before they read.
+    pub folder: crate::telemetry::folder::Folder,
     /// The configuration.
     pub config: HubConfig,
     /// Cancelled when the hub shuts down: long-lived requests (the telemetry stream) end then.

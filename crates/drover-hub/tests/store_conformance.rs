@@ -10,7 +10,7 @@ use drover_hub::store::{
     SitePatch, Store, StoreError,
 };
 use drover_hub::telemetry::energy::Anomaly;
-use drover_hub::telemetry::fold::{FoldOutcome, IngestJob, Point, SeriesPoints};
+use drover_hub::telemetry::fold::{FoldOutcome, IngestJob, IngestOutcome, Point, SeriesPoints};
 use drover_hub::telemetry::rollup::{Resolution, aggregate};
 use drover_protocol::artifact::ArtifactFormat;
 use drover_protocol::device::{
@@ -78,6 +78,8 @@ conformance!(
     registers_going_backwards_are_flagged,
     series_are_filtered_and_kept_apart,
     small_batches_are_appended_then_recoded_into_the_same_data,
+    landed_batches_wait_until_folded_then_fold_together,
+    seed_readings_past_a_frames_limits_land_in_parts,
 );
 
 mod cases {
@@ -753,6 +755,153 @@ mod cases {
             .await
             .unwrap();
         (a, d.id)
+    }
+
+    /// All points of a device's one series, as `(ts, value)`.
+    async fn stored_points(store: &Store, org_id: i64) -> Vec<(i64, i64)> {
+        let mut out = Vec::new();
+        for s in store
+            .list_series(org_id, &SeriesFilter::default())
+            .await
+            .unwrap()
+        {
+            let points = store.points(org_id, s.id, 0, i64::MAX).await.unwrap();
+            out.extend(points.iter().map(|p| (p.ts, p.value)));
+        }
+        out.sort_unstable();
+        out
+    }
+
+    pub async fn landed_batches_wait_until_folded_then_fold_together(store: &Store) {
+        let (a, d) = enrolled(store, "a").await;
+        let start = 3_600_000 * 10;
+        let points: Vec<(i64, i64)> = (0..120).map(|i| (start + i * 2_000, 5_000 + i)).collect();
+        let batch = |seq: u64| {
+            let from = (seq as usize - 1) * 30;
+            job(
+                a,
+                &d,
+                seq,
+                vec![energy("modbus-1", &points[from..from + 30])],
+            )
+        };
+        // Landing acknowledges: sequence numbers are claimed, duplicates found, nothing folded.
+        let outcomes = store
+            .land_batches(&[batch(1), batch(2), batch(2), batch(3)])
+            .await
+            .unwrap();
+        let landed = IngestOutcome::Landed { points: 30 };
+        assert_eq!(
+            outcomes,
+            vec![
+                landed,
+                landed,
+                IngestOutcome::Duplicate { last_seq: 2 },
+                landed
+            ]
+        );
+        assert_eq!(
+            store.land_batches(&[batch(1)]).await.unwrap(),
+            vec![IngestOutcome::Duplicate { last_seq: 3 }]
+        );
+        assert_eq!(store.landed_rows().await.unwrap(), 3);
+        assert!(stored_points(store, a).await.is_empty());
+        // A fold up to a row leaves what landed after it.
+        let upto = store.newest_landed().await.unwrap().unwrap();
+        assert_eq!(store.land_batches(&[batch(4)]).await.unwrap(), vec![landed]);
+        let folded = store.fold_landed(Some(upto), usize::MAX).await.unwrap();
+        assert_eq!(folded.rows, 3);
+        assert_eq!(folded.live.len(), 90);
+        assert_eq!(
+            folded.outcomes,
+            vec![
+                FoldOutcome::Stored {
+                    points: 30,
+                    flags: 0
+                };
+                3
+            ]
+        );
+        assert_eq!(store.landed_rows().await.unwrap(), 1);
+        assert_eq!(stored_points(store, a).await, points[..90]);
+        assert_eq!(store.fold_landed(Some(upto), 10).await.unwrap().rows, 0);
+        assert_eq!(store.fold_landed(None, 10).await.unwrap().rows, 1);
+        assert_eq!(store.fold_landed(None, 10).await.unwrap().rows, 0);
+        assert_eq!(store.newest_landed().await.unwrap(), None);
+        assert_eq!(stored_points(store, a).await, points);
+
+        // Twenty small batches folded at once store what twenty separate folds would, in as
+        // few rows: one appended piece per chunk and rollup row.
+        let (b, e) = enrolled(store, "b").await;
+        let many: Vec<(i64, i64)> = (0..600).map(|i| (start + i * 2_000, i)).collect();
+        let jobs: Vec<IngestJob> = (0..20)
+            .map(|k| {
+                job(
+                    b,
+                    &e,
+                    k + 1,
+                    vec![energy(
+                        "modbus-2",
+                        &many[k as usize * 30..(k as usize + 1) * 30],
+                    )],
+                )
+            })
+            .collect();
+        for j in &jobs {
+            store.land_batches(std::slice::from_ref(j)).await.unwrap();
+        }
+        let folded = store.fold_landed(None, usize::MAX).await.unwrap();
+        assert_eq!(folded.rows, 20);
+        assert_eq!(stored_points(store, b).await, many);
+        let s = store
+            .list_series(b, &SeriesFilter::default())
+            .await
+            .unwrap()
+            .remove(0);
+        assert_eq!(s.points, 600);
+        let rows = store.stored_rows(b, s.id, None).await.unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].pieces, 1, "{rows:?}");
+        // Each organization sees only its own.
+        assert_eq!(stored_points(store, a).await, points);
+    }
+
+    pub async fn seed_readings_past_a_frames_limits_land_in_parts(store: &Store) {
+        let (a, d) = enrolled(store, "a").await;
+        let start = 3_600_000 * 10;
+        // More meters than a frame holds, and one series with more readings than a frame.
+        let mut series: Vec<SeriesPoints> = (0..300)
+            .map(|m| energy(&format!("seed-{m}"), &[(start, m)]))
+            .collect();
+        let long: Vec<(i64, i64)> = (0..70_000).map(|i| (start + i * 1_000, i)).collect();
+        series.push(energy("seed-long", &long));
+        let seed = IngestJob {
+            seq: None,
+            ..job(a, &d, 0, series)
+        };
+        assert_eq!(
+            store
+                .land_batches(std::slice::from_ref(&seed))
+                .await
+                .unwrap(),
+            vec![IngestOutcome::Landed { points: 70_300 }]
+        );
+        assert!(store.landed_rows().await.unwrap() >= 3);
+        while store.fold_landed(None, usize::MAX).await.unwrap().rows > 0 {}
+        let all = store
+            .list_series(a, &SeriesFilter::default())
+            .await
+            .unwrap();
+        assert_eq!(all.len(), 301);
+        assert_eq!(all.iter().map(|s| s.points).sum::<i64>(), 70_300);
+        // The same readings again (the seed resends) are deduplicated on meter and time.
+        store.land_batches(&[seed]).await.unwrap();
+        while store.fold_landed(None, usize::MAX).await.unwrap().rows > 0 {}
+        let again = store
+            .list_series(a, &SeriesFilter::default())
+            .await
+            .unwrap();
+        assert_eq!(again.iter().map(|s| s.points).sum::<i64>(), 70_300);
     }
 
     pub async fn batches_fold_into_chunks_and_rollups_exactly_once(store: &Store) {

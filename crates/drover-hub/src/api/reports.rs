@@ -108,6 +108,8 @@ pub async fn create(
     op: Operator,
     ApiJson(body): ApiJson<CreateReport>,
 ) -> Result<(StatusCode, axum::Json<ReportView>), ApiError> {
+    // A report covers every batch acknowledged before it was asked for.
+    hub.folder.settle().await?;
     let scope = scope_of(&hub, &op, &body.scope, &body.subject).await?;
     let (from, to) = match (&body.month, &body.from, body.since_start) {
         (Some(month), None, false) => month_bounds(month).ok_or_else(|| {

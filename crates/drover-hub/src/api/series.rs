@@ -109,6 +109,7 @@ pub async fn list(
         channel: query.channel,
         tag: query.tag,
     };
+    hub.folder.settle().await?;
     let series = hub.store.list_series(op.org_id, &filter).await?;
     Ok(axum::Json(series.into_iter().map(Into::into).collect()))
 }
@@ -169,7 +170,9 @@ pub fn parse_time(text: &str) -> Result<i64, ApiError> {
         .map_err(|_| ApiError::bad_request("invalid_time", "time out of range"))
 }
 
+/// Series `id` of the operator's organization, with every batch landed so far folded in.
 async fn series_of(hub: &HubState, op: &Operator, id: i64) -> Result<Series, ApiError> {
+    hub.folder.settle().await?;
     hub.store
         .series_by_id(op.org_id, id)
         .await?

@@ -13,7 +13,6 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use drover_protocol::batch::stream::{self, MessageReader, Reply, StreamContext, StreamError};
 use drover_protocol::batch::{self, BatchError, MAX_BATCH_BYTES};
-use drover_protocol::reading::Reading;
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
@@ -21,7 +20,7 @@ use crate::cache::CachedDevice;
 use crate::error::ApiError;
 use crate::state::{CredentialHash, DeviceAuth, HubState};
 use crate::store::now_ms;
-use crate::telemetry::fold::{FoldOutcome, IngestJob, Point, SeriesPoints};
+use crate::telemetry::fold::{IngestJob, IngestOutcome, group_by_series};
 use crate::telemetry::queue::QueueError;
 
 /// Readings more than this far ahead of the hub's clock are refused.
@@ -56,7 +55,7 @@ pub async fn batches(
         )
     })?;
     match ingest_frame(&hub, &device, &frame, None).await {
-        Ok((_, FoldOutcome::Duplicate { last_seq })) => {
+        Ok((_, IngestOutcome::Duplicate { last_seq })) => {
             // Stored before; the device learns the highest number stored, in case its own
             // counter went back (see docs/protocol.md).
             let mut response = StatusCode::NO_CONTENT.into_response();
@@ -65,7 +64,7 @@ pub async fn batches(
                 .insert(LAST_SEQ_HEADER, HeaderValue::from(last_seq));
             Ok(response)
         }
-        Ok((_, FoldOutcome::Stored { .. })) => Ok(StatusCode::NO_CONTENT.into_response()),
+        Ok((_, IngestOutcome::Landed { .. })) => Ok(StatusCode::NO_CONTENT.into_response()),
         Err(refusal) => {
             let mut response = refusal.error.into_response();
             if let Some(wait) = refusal.retry_after {
@@ -121,7 +120,7 @@ async fn ingest_frame(
     device: &CachedDevice,
     frame: &[u8],
     context: Option<&mut StreamContext>,
-) -> Result<(u64, FoldOutcome), Refusal> {
+) -> Result<(u64, IngestOutcome), Refusal> {
     let decoded = match context {
         Some(context) => context.decode(frame),
         None => batch::decode(frame),
@@ -259,8 +258,8 @@ async fn run_stream(
                     Err(e) => Err(e.into()),
                 };
                 match result {
-                    Ok((seq, FoldOutcome::Stored { .. })) => last = last.max(seq),
-                    Ok((_, FoldOutcome::Duplicate { last_seq })) => last = last.max(last_seq),
+                    Ok((seq, IngestOutcome::Landed { .. })) => last = last.max(seq),
+                    Ok((_, IngestOutcome::Duplicate { last_seq })) => last = last.max(last_seq),
                     Err(refusal) => {
                         let _ = tx.send(refused(refusal, last)).await;
                         return;
@@ -322,31 +321,4 @@ fn refused(refusal: Refusal, last: u64) -> Vec<u8> {
         .to_line(),
     );
     lines
-}
-
-/// Groups readings (in the batch's canonical order: meter, channel, scale, time) into series.
-pub fn group_by_series(readings: Vec<Reading>) -> Vec<SeriesPoints> {
-    let mut series: Vec<SeriesPoints> = Vec::new();
-    for r in readings {
-        let point = Point {
-            ts: r.ts_ms,
-            value: r.value,
-            clock: r.clock as u8,
-        };
-        match series.last_mut() {
-            Some(s) if s.meter == r.meter && s.channel == r.channel && s.scale == r.scale => {
-                s.points.push(point);
-            }
-            _ => series.push(SeriesPoints {
-                meter: r.meter,
-                channel: r.channel,
-                scale: r.scale,
-                points: vec![point],
-            }),
-        }
-    }
-    for s in &mut series {
-        s.points.sort_by_key(|p| p.ts);
-    }
-    series
 }

@@ -1,40 +1,51 @@
-//! The store's write path: [`Store::fold_batches`] folds a group of checked batches into series,
-//! chunks and rollups in one transaction, with a handful of multi-row statements per group
-//! rather than a few per batch and series.
+//! The store's write path, in two steps.
 //!
-//! Per group:
-//! 1. **Claim** each batch's sequence number: the devices' last numbers are read at once, the
-//!    batches are walked in order in memory (a number not above the device's last is a
-//!    duplicate and changes nothing), and the claimed numbers are written back at once.
-//! 2. **Series**: the group's series are read at once; missing ones are created at once.
-//! 3. **Points**: a point later than everything its series holds (the usual case: a device
+//! **Landing** ([`Store::land_batches`], on the acknowledgement path): in one transaction per
+//! group, each batch's sequence number is claimed (the devices' last numbers are read at once,
+//! the batches are walked in order in memory, a number not above the device's last is a
+//! duplicate and changes nothing, and the claimed numbers are written back at once) and each
+//! claimed batch is written as one row of `landed_batches`: its readings as a plain batch frame.
+//! The batch is acknowledged once that commits; it costs two short rows, whatever its size.
+//!
+//! **Folding** ([`Store::fold_landed`], in the background and before reads): landed rows are
+//! taken in the order they landed, many at a time, and folded into series, chunks and rollups
+//! in one transaction that also deletes them, with a handful of multi-row statements per group:
+//! 1. **Series**: the group's series are read at once; missing ones are created at once.
+//! 2. **Points**: a point later than everything its series holds (the usual case: a device
 //!    sends its readings in order) is new by construction, and its chunk row is *appended to*:
 //!    the new points are coded as a small chunk and added to the end of the row's blob, without
 //!    reading or re-coding what the row already holds. A point at or before its series' last
 //!    time (a resend, or a meter catching up out of order) sends its whole window down the slow
 //!    path: the row is read, the point is skipped if its time is already there (the first write
 //!    wins, so a resent reading is never counted twice), and the row is re-coded as one chunk.
-//! 4. **Rollups**: the buckets of the points really added are appended to their rollup rows the
+//! 3. **Rollups**: the buckets of the points really added are appended to their rollup rows the
 //!    same way (buckets of one start appended separately merge exactly when read).
-//! 5. A row is re-coded as one chunk when it holds [`CHUNK_MAX_PIECES`] (chunks) or
+//! 4. A row is re-coded as one chunk when it holds [`CHUNK_MAX_PIECES`] (chunks) or
 //!    [`ROLLUP_MAX_PIECES`] (rollups) pieces, and a series' previous chunk is re-coded when the
 //!    series moves on to a new window, so closed windows are stored as compactly as before and
 //!    the cost of a batch follows its own size, not the size of the rows it lands in.
 //!
-//! Flags (cumulative registers going backwards) and the series' first/last/count are worked out
-//! in memory in batch order, exactly as if the batches had been stored one by one.
+//! Folding many landed batches at once is what makes small batches cheap: a series' points from
+//! every batch of the group go into one appended piece per row, so a device sending a batch a
+//! minute costs a few row writes per fold, not per batch. Flags (cumulative registers going
+//! backwards) and the series' first/last/count are worked out in memory in landing order,
+//! exactly as if the batches had been stored one by one. Folds are serialized (SQLite's write
+//! lock; on PostgreSQL a transaction-scoped advisory lock), so several hub replicas may fold.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+use drover_protocol::batch::{self, Batch, MAX_METERS, MAX_READINGS, MAX_SERIES};
 use drover_protocol::ids::DeviceId;
-use drover_protocol::reading::Channel;
+use drover_protocol::reading::{Channel, ClockState, Reading};
 use sqlx::Row as _;
 
 use super::telemetry::{CHUNK_WINDOW_MS, Series, rescale, rollup_window_ms, series_from_row};
 use super::{Engine, Store, StoreError, StoreResult, now_ms};
 use crate::telemetry::chunk;
 use crate::telemetry::energy::{Anomaly, step_energy};
-use crate::telemetry::fold::{FoldOutcome, IngestJob, LivePoint, Point};
+use crate::telemetry::fold::{
+    FoldOutcome, IngestJob, IngestOutcome, LivePoint, Point, SeriesPoints, group_by_series,
+};
 use crate::telemetry::rollup::{RESOLUTIONS, aggregate};
 
 /// An open chunk row is re-coded as one chunk once it holds this many appended pieces.
@@ -44,6 +55,24 @@ pub const ROLLUP_MAX_PIECES: i64 = 64;
 /// Rows per multi-row statement: far below both engines' limits on bound parameters (32766 for
 /// SQLite, 65535 for PostgreSQL) at the widest row written here (8 columns).
 const ROWS_PER_STATEMENT: usize = 500;
+/// A fold stops taking landed rows once it holds this many points (memory stays bounded when
+/// catch-up batches of hours land).
+const FOLD_MAX_POINTS: usize = 1_000_000;
+/// The PostgreSQL advisory lock that serializes folds across hub replicas.
+const FOLD_LOCK: i64 = 727_275;
+
+/// What one fold did.
+#[derive(Debug, Default)]
+pub struct Folded {
+    /// Landed rows folded (and deleted).
+    pub rows: usize,
+    /// Each folded row's outcome, in landing order.
+    pub outcomes: Vec<FoldOutcome>,
+    /// The points stored, for the live stream.
+    pub live: Vec<LivePoint>,
+    /// Rows that could not be read back; they are kept, marked with the error, and skipped.
+    pub damaged: usize,
+}
 
 /// `($1, $2), ($3, $4), ...`: `rows` tuples of `columns` placeholders, numbered for PostgreSQL
 /// and plain `?` for SQLite (which looks numbered ones up by name, one linear search each: a
@@ -131,17 +160,213 @@ impl Store {
         Ok(u64::try_from(last).unwrap_or(0))
     }
 
-    /// Folds a group of checked batches into the store in one transaction; see the module
-    /// docs. Returns each batch's outcome, in order, and the points stored.
+    /// Lands a group of checked batches in one transaction (see the module docs): claims their
+    /// sequence numbers and writes each new one to `landed_batches`. Returns each batch's
+    /// outcome, in order; once this returns, the landed batches are durable.
+    pub async fn land_batches(&self, jobs: &[IngestJob]) -> StoreResult<Vec<IngestOutcome>> {
+        Ok(self
+            .land(jobs)
+            .await?
+            .into_iter()
+            .map(|(outcome, _)| outcome)
+            .collect())
+    }
+
+    /// [`Store::land_batches`], also giving the rows each batch landed as.
+    async fn land(&self, jobs: &[IngestJob]) -> StoreResult<Vec<(IngestOutcome, usize)>> {
+        let mut tx = self.begin_write().await?;
+        let now = now_ms();
+        let claims = claim(self.engine, &mut tx, jobs).await?;
+        let mut rows: Vec<(&IngestJob, Vec<u8>)> = Vec::with_capacity(jobs.len());
+        let mut out = Vec::with_capacity(jobs.len());
+        for (job, claim) in jobs.iter().zip(&claims) {
+            match claim {
+                Some(FoldOutcome::Duplicate { last_seq }) => out.push((
+                    IngestOutcome::Duplicate {
+                        last_seq: *last_seq,
+                    },
+                    0,
+                )),
+                _ => {
+                    let bodies = landing_bodies(job)?;
+                    let points = job.series.iter().map(|s| s.points.len() as u64).sum();
+                    out.push((IngestOutcome::Landed { points }, bodies.len()));
+                    rows.extend(bodies.into_iter().map(|body| (job, body)));
+                }
+            }
+        }
+        for part in rows.chunks(ROWS_PER_STATEMENT) {
+            let sql = format!(
+                "INSERT INTO landed_batches (org_id, device_id, seq, landed_at, body) VALUES {}",
+                placeholders(self.engine, part.len(), 5)
+            );
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for (job, body) in part {
+                query = query
+                    .bind(job.org_id)
+                    .bind(job.device.as_str())
+                    .bind(job.seq.map(|s| i64::try_from(s).unwrap_or(i64::MAX)))
+                    .bind(now)
+                    .bind(body.as_slice());
+            }
+            query.execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    /// The newest landed row not yet folded (`None` when every landed batch is folded).
+    pub async fn newest_landed(&self) -> StoreResult<Option<i64>> {
+        Ok(sqlx::query_scalar(
+            "SELECT id FROM landed_batches WHERE error IS NULL ORDER BY id DESC LIMIT 1",
+        )
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    /// How many landed rows wait to be folded.
+    pub async fn landed_rows(&self) -> StoreResult<usize> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM landed_batches WHERE error IS NULL")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(usize::try_from(n).unwrap_or(0))
+    }
+
+    /// Folds landed rows (those up to `upto` when given), oldest first, at most `max_rows` of
+    /// them and about [`FOLD_MAX_POINTS`] points, into series, chunks and rollups, and deletes
+    /// them, in one transaction; see the module docs. `rows == 0` means nothing was waiting.
+    pub async fn fold_landed(&self, upto: Option<i64>, max_rows: usize) -> StoreResult<Folded> {
+        let mut tx = self.begin_write().await?;
+        if self.engine == Engine::Postgres {
+            sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                .bind(FOLD_LOCK)
+                .execute(&mut *tx)
+                .await?;
+        }
+        let limit = i64::try_from(max_rows.max(1)).unwrap_or(i64::MAX);
+        let rows = sqlx::query(
+            "SELECT id, org_id, device_id, seq, body FROM landed_batches
+             WHERE error IS NULL AND id <= $1 ORDER BY id LIMIT $2",
+        )
+        .bind(upto.unwrap_or(i64::MAX))
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut ids = Vec::with_capacity(rows.len());
+        let mut jobs = Vec::with_capacity(rows.len());
+        let mut damaged = Vec::new();
+        let mut points = 0;
+        for row in rows {
+            if points >= FOLD_MAX_POINTS {
+                break;
+            }
+            let id: i64 = row.try_get("id")?;
+            let body: Vec<u8> = row.try_get("body")?;
+            match batch::decode(&body) {
+                Ok(decoded) => {
+                    points += decoded.readings.len();
+                    let seq: Option<i64> = row.try_get("seq")?;
+                    ids.push(id);
+                    jobs.push(IngestJob {
+                        org_id: row.try_get("org_id")?,
+                        device: DeviceId::parse(&row.try_get::<String, _>("device_id")?)
+                            .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                        seq: seq.and_then(|s| u64::try_from(s).ok()),
+                        series: group_by_series(decoded.readings),
+                        bytes: 0,
+                        spool_dropped: 0,
+                    });
+                }
+                Err(e) => {
+                    tracing::error!(row = id, error = %e, "a landed batch cannot be read back; it is kept in landed_batches and skipped");
+                    damaged.push((id, e.to_string()));
+                }
+            }
+        }
+        let now = now_ms();
+        let claims = vec![None; jobs.len()];
+        let (outcomes, live) = self.fold_claimed(&mut tx, &jobs, &claims, now).await?;
+        for part in ids.chunks(ROWS_PER_STATEMENT) {
+            let sql = format!(
+                "DELETE FROM landed_batches WHERE id IN (VALUES {})",
+                placeholders(self.engine, part.len(), 1)
+            );
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for id in part {
+                query = query.bind(*id);
+            }
+            query.execute(&mut *tx).await?;
+        }
+        for (id, error) in &damaged {
+            sqlx::query("UPDATE landed_batches SET error = $1 WHERE id = $2")
+                .bind(error.as_str())
+                .bind(*id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(Folded {
+            rows: ids.len(),
+            outcomes,
+            live,
+            damaged: damaged.len(),
+        })
+    }
+
+    /// Lands a group of batches and folds everything landed, at once: what a reader sees after
+    /// the folder has caught up. Returns each batch's outcome, in order, and the points stored.
+    /// The hub lands and folds separately; this serves tools and tests.
     pub async fn fold_batches(
         &self,
         jobs: &[IngestJob],
     ) -> StoreResult<(Vec<FoldOutcome>, Vec<LivePoint>)> {
-        // The group reads before it writes: on SQLite the write lock is taken up front.
-        let mut tx = self.begin_write().await?;
-        let now = now_ms();
-        let claims = claim(self.engine, &mut tx, jobs).await?;
-        let mut works = self.series_for_group(&mut tx, jobs, &claims, now).await?;
+        // What landed before is folded first, so that the folds below are this group's alone.
+        while self.fold_landed(None, usize::MAX).await?.rows > 0 {}
+        let landed = self.land(jobs).await?;
+        let mut folded = Vec::new();
+        let mut live = Vec::new();
+        loop {
+            let fold = self.fold_landed(None, usize::MAX).await?;
+            if fold.rows == 0 {
+                break;
+            }
+            folded.extend(fold.outcomes);
+            live.extend(fold.live);
+        }
+        let mut folded = folded.into_iter();
+        let mut outcomes = Vec::with_capacity(jobs.len());
+        for (outcome, rows) in landed {
+            outcomes.push(match outcome {
+                IngestOutcome::Duplicate { last_seq } => FoldOutcome::Duplicate { last_seq },
+                IngestOutcome::Landed { .. } => {
+                    let (mut points, mut flags) = (0, 0);
+                    for fold in folded.by_ref().take(rows) {
+                        if let FoldOutcome::Stored {
+                            points: p,
+                            flags: f,
+                        } = fold
+                        {
+                            points += p;
+                            flags += f;
+                        }
+                    }
+                    FoldOutcome::Stored { points, flags }
+                }
+            });
+        }
+        Ok((outcomes, live))
+    }
+
+    /// Folds a group of batches whose sequence numbers are claimed (`claims[i]` is `None` for a
+    /// batch to store) into series, chunks and rollups, inside `tx`.
+    async fn fold_claimed(
+        &self,
+        tx: &mut sqlx::AnyConnection,
+        jobs: &[IngestJob],
+        claims: &[Option<FoldOutcome>],
+        now: i64,
+    ) -> StoreResult<(Vec<FoldOutcome>, Vec<LivePoint>)> {
+        let mut works = self.series_for_group(&mut *tx, jobs, claims, now).await?;
         let index_of: HashMap<(&str, &str, &str), usize> = works
             .iter()
             .enumerate()
@@ -162,7 +387,7 @@ impl Store {
         let mut prepared: Vec<Vec<(usize, Channel, Vec<Point>)>> = Vec::with_capacity(jobs.len());
         let mut running: Vec<Option<i64>> = works.iter().map(|w| w.series.last_ts).collect();
         let mut slow_windows: BTreeSet<(usize, i64)> = BTreeSet::new();
-        for (job, claim) in jobs.iter().zip(&claims) {
+        for (job, claim) in jobs.iter().zip(claims) {
             let mut mine = Vec::new();
             if claim.is_none() {
                 for sp in &job.series {
@@ -197,13 +422,13 @@ impl Store {
             }
             prepared.push(mine);
         }
-        load_slow_windows(self.engine, &mut tx, &mut works, &slow_windows).await?;
+        load_slow_windows(self.engine, &mut *tx, &mut works, &slow_windows).await?;
 
         // Walk the batches in order, as if each were stored alone.
         let mut outcomes = Vec::with_capacity(jobs.len());
         let mut live = Vec::new();
         let mut flags = Vec::new();
-        for ((job, claim), mine) in jobs.iter().zip(&claims).zip(prepared) {
+        for ((job, claim), mine) in jobs.iter().zip(claims).zip(prepared) {
             if let Some(duplicate) = claim {
                 outcomes.push(*duplicate);
                 continue;
@@ -257,11 +482,10 @@ impl Store {
             });
         }
 
-        self.write_chunks(&mut tx, &works).await?;
-        self.write_rollups(&mut tx, &works).await?;
-        insert_flags(self.engine, &mut tx, &flags, now).await?;
-        update_series(self.engine, &mut tx, &works).await?;
-        tx.commit().await?;
+        self.write_chunks(&mut *tx, &works).await?;
+        self.write_rollups(&mut *tx, &works).await?;
+        insert_flags(self.engine, &mut *tx, &flags, now).await?;
+        update_series(self.engine, &mut *tx, &works).await?;
         Ok((outcomes, live))
     }
 
@@ -713,6 +937,56 @@ async fn load_slow_windows(
     Ok(())
 }
 
+/// A batch's landed rows: its readings as plain batch frames, split where they are past a
+/// frame's limits (only the seed's JSON formats, which may carry more readings or meters than a
+/// frame, ever are).
+fn landing_bodies(job: &IngestJob) -> StoreResult<Vec<Vec<u8>>> {
+    let mut parts: Vec<Vec<Reading>> = Vec::new();
+    let mut current: Vec<Reading> = Vec::new();
+    let (mut series, mut meters) = (0, BTreeSet::new());
+    for sp in &job.series {
+        for points in sp.points.chunks(MAX_READINGS) {
+            let new_meter = !meters.contains(sp.meter.as_str());
+            if current.len() + points.len() > MAX_READINGS
+                || series + 1 > MAX_SERIES
+                || (new_meter && meters.len() + 1 > MAX_METERS)
+            {
+                parts.push(std::mem::take(&mut current));
+                series = 0;
+                meters.clear();
+            }
+            series += 1;
+            meters.insert(sp.meter.as_str());
+            current.extend(points.iter().map(|p| reading(sp, p)));
+        }
+    }
+    if !current.is_empty() || parts.is_empty() {
+        parts.push(current);
+    }
+    parts
+        .into_iter()
+        .map(|readings| {
+            batch::encode(&Batch {
+                device: job.device.clone(),
+                seq: job.seq.unwrap_or(0),
+                readings,
+            })
+            .map_err(|e| StoreError::Corrupt(format!("a checked batch cannot be landed: {e}")))
+        })
+        .collect()
+}
+
+fn reading(series: &SeriesPoints, point: &Point) -> Reading {
+    Reading {
+        meter: series.meter.clone(),
+        channel: series.channel,
+        ts_ms: point.ts,
+        value: point.value,
+        scale: series.scale,
+        clock: ClockState::from_code(point.clock).unwrap_or(ClockState::Unknown),
+    }
+}
+
 /// The backward steps of a cumulative register among `added` (sorted), and from the series'
 /// last point to the first of them; returns how many were found.
 fn flag_steps(series: &Series, added: &[Point], flags: &mut Vec<FlagRow>) -> u64 {
@@ -871,6 +1145,31 @@ mod tests {
         );
         assert_eq!(placeholders(Engine::Postgres, 1, 1), "($1)");
         assert_eq!(placeholders(Engine::Sqlite, 2, 2), "(?, ?), (?, ?)");
+    }
+
+    #[tokio::test]
+    async fn a_landed_row_that_cannot_be_read_is_kept_marked_and_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_sqlite(dir.path()).await.unwrap();
+        sqlx::query(
+            "INSERT INTO landed_batches (org_id, device_id, seq, landed_at, body)
+             VALUES (1, 'dev-x', 7, 0, $1)",
+        )
+        .bind(b"not a frame".as_slice())
+        .execute(&store.pool)
+        .await
+        .unwrap();
+        assert_eq!(store.landed_rows().await.unwrap(), 1);
+        let folded = store.fold_landed(None, 100).await.unwrap();
+        assert_eq!((folded.rows, folded.damaged), (0, 1));
+        // It no longer counts as waiting, so it holds nothing up, but it is still there.
+        assert_eq!(store.landed_rows().await.unwrap(), 0);
+        assert_eq!(store.newest_landed().await.unwrap(), None);
+        let error: String = sqlx::query_scalar("SELECT error FROM landed_batches WHERE seq = 7")
+            .fetch_one(&store.pool)
+            .await
+            .unwrap();
+        assert!(!error.is_empty());
     }
 
     #[test]

@@ -56,7 +56,27 @@ pub const MIGRATIONS: &[Migration] = &[
         template: "ALTER TABLE chunks ADD COLUMN blocks BIGINT NOT NULL DEFAULT 1;
                    ALTER TABLE rollups ADD COLUMN blocks BIGINT NOT NULL DEFAULT 1;",
     },
+    Migration {
+        version: 5,
+        name: "batches land durably before they are folded into chunks and rollups",
+        template: LANDED_BATCHES,
+    },
 ];
+
+/// Acknowledged batches not yet folded into chunks and rollups (see `store::ingest`). No
+/// foreign keys: a row is written once per batch on the acknowledgement path, and its
+/// organization and device were checked by the bridge (devices are never deleted).
+const LANDED_BATCHES: &str = r#"
+CREATE TABLE landed_batches (
+    id {pk},
+    org_id BIGINT NOT NULL,
+    device_id TEXT NOT NULL,
+    seq BIGINT,
+    landed_at BIGINT NOT NULL,
+    body {blob} NOT NULL,
+    error TEXT
+);
+"#;
 
 /// The initial schema, with `{pk}` standing for the engine's auto-increment primary key.
 const INITIAL: &str = r#"

@@ -2,10 +2,8 @@
 //! out (stored or duplicate, and the points for the live stream).
 
 use drover_protocol::ids::DeviceId;
-use drover_protocol::reading::{Channel, MeterId};
+use drover_protocol::reading::{Channel, MeterId, Reading};
 use serde::Serialize;
-
-use crate::store::{Store, StoreResult};
 
 /// One stored point: time, scaled value, clock state code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -49,7 +47,25 @@ pub struct IngestJob {
     pub spool_dropped: u64,
 }
 
-/// What became of a batch.
+/// The writer's answer to a submitted batch, once it is durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "outcome")]
+pub enum IngestOutcome {
+    /// Landed durably (acknowledged); the folder writes it into chunks and rollups soon after.
+    Landed {
+        /// Readings in the batch.
+        points: u64,
+    },
+    /// A batch with this sequence number (or a higher one) was stored before; nothing was done.
+    Duplicate {
+        /// The device's highest stored sequence number (0 when the device is not found), so
+        /// that a device whose counter went back (its state restored from an old copy) can
+        /// jump past it instead of having every new batch taken for a resend.
+        last_seq: u64,
+    },
+}
+
+/// What folding did with a batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case", tag = "outcome")]
 pub enum FoldOutcome {
@@ -89,10 +105,29 @@ pub struct LivePoint {
     pub value: f64,
 }
 
-/// Folds a group of batches into the store in one transaction.
-pub async fn fold(
-    store: &Store,
-    jobs: &[IngestJob],
-) -> StoreResult<(Vec<FoldOutcome>, Vec<LivePoint>)> {
-    store.fold_batches(jobs).await
+/// Groups readings (in the batch's canonical order: meter, channel, scale, time) into series.
+pub fn group_by_series(readings: Vec<Reading>) -> Vec<SeriesPoints> {
+    let mut series: Vec<SeriesPoints> = Vec::new();
+    for r in readings {
+        let point = Point {
+            ts: r.ts_ms,
+            value: r.value,
+            clock: r.clock as u8,
+        };
+        match series.last_mut() {
+            Some(s) if s.meter == r.meter && s.channel == r.channel && s.scale == r.scale => {
+                s.points.push(point);
+            }
+            _ => series.push(SeriesPoints {
+                meter: r.meter,
+                channel: r.channel,
+                scale: r.scale,
+                points: vec![point],
+            }),
+        }
+    }
+    for s in &mut series {
+        s.points.sort_by_key(|p| p.ts);
+    }
+    series
 }

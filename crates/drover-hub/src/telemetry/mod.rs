@@ -4,6 +4,7 @@
 pub mod chunk;
 pub mod energy;
 pub mod fold;
+pub mod folder;
 pub mod queue;
 pub mod report;
 pub mod retention;

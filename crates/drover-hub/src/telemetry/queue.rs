@@ -3,12 +3,15 @@
 //! The bridge checks a batch and [`IngestQueue::submit`]s it; the answer comes only once the
 //! batch is durable in the store, so an acknowledged batch is never lost (and an unacknowledged
 //! one is still in the device's spool, which sends it again). The local implementation is a
-//! bounded channel feeding one writer task that folds many batches into one transaction (group
-//! commit: one fsync for all of them). When the channel is full the bridge answers `503` with
-//! `Retry-After`: a load peak then waits in the devices' spools instead of in the hub's memory.
+//! bounded channel feeding one writer task that *lands* many batches in one transaction (group
+//! commit: one fsync for all of them; see [`crate::store::ingest`]) and then acknowledges them;
+//! the [`Folder`] folds landed batches into chunks and rollups later, in larger groups. When the
+//! channel is full, or more has landed than the folder keeps up with, the bridge answers `503`
+//! with `Retry-After`: a load peak then waits in the devices' spools instead of in the hub.
 //!
 //! With several hub replicas the same trait is implemented over NATS JetStream: `submit`
-//! publishes and resolves on JetStream's acknowledgement, and writers consume the stream.
+//! publishes and resolves on JetStream's acknowledgement (the stream is then the landing
+//! place), and folders consume the stream.
 
 use std::time::Duration;
 
@@ -16,7 +19,8 @@ use async_trait::async_trait;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::fold::{FoldOutcome, IngestJob, LivePoint};
+use super::fold::{IngestJob, IngestOutcome};
+use super::folder::Folder;
 use crate::store::Store;
 
 /// How long a device is asked to wait when the queue is full.
@@ -43,15 +47,16 @@ pub enum QueueError {
 #[async_trait]
 pub trait IngestQueue: Send + Sync + std::fmt::Debug {
     /// Queues a batch and resolves once it is durable (or found to be a duplicate).
-    async fn submit(&self, job: IngestJob) -> Result<FoldOutcome, QueueError>;
+    async fn submit(&self, job: IngestJob) -> Result<IngestOutcome, QueueError>;
 }
 
-type Entry = (IngestJob, oneshot::Sender<Result<FoldOutcome, String>>);
+type Entry = (IngestJob, oneshot::Sender<Result<IngestOutcome, String>>);
 
 /// The in-process queue: a bounded channel and one group-committing writer.
 #[derive(Debug, Clone)]
 pub struct LocalQueue {
     tx: mpsc::Sender<Entry>,
+    folder: Folder,
 }
 
 /// Settings of the local queue.
@@ -65,11 +70,11 @@ pub struct QueueConfig {
 
 impl LocalQueue {
     /// Starts the writer; it stops after `shutdown`, once the batches already queued are
-    /// written. `live` receives every stored point (for the live stream).
+    /// landed. It tells `folder` what it landed.
     pub fn start(
         store: Store,
         config: QueueConfig,
-        live: tokio::sync::broadcast::Sender<LivePoint>,
+        folder: Folder,
         shutdown: CancellationToken,
     ) -> (LocalQueue, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(config.capacity.max(1));
@@ -77,16 +82,21 @@ impl LocalQueue {
             store,
             rx,
             config.max_group.max(1),
-            live,
+            folder.clone(),
             shutdown,
         ));
-        (LocalQueue { tx }, writer)
+        (LocalQueue { tx, folder }, writer)
     }
 }
 
 #[async_trait]
 impl IngestQueue for LocalQueue {
-    async fn submit(&self, job: IngestJob) -> Result<FoldOutcome, QueueError> {
+    async fn submit(&self, job: IngestJob) -> Result<IngestOutcome, QueueError> {
+        if self.folder.is_full() {
+            return Err(QueueError::Full {
+                retry_after: RETRY_AFTER,
+            });
+        }
         let (done, receipt) = oneshot::channel();
         self.tx.try_send((job, done)).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => QueueError::Full {
@@ -106,7 +116,7 @@ async fn write_loop(
     store: Store,
     mut rx: mpsc::Receiver<Entry>,
     max_group: usize,
-    live: tokio::sync::broadcast::Sender<LivePoint>,
+    folder: Folder,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -127,18 +137,23 @@ async fn write_loop(
             }
         }
         let (jobs, replies): (Vec<IngestJob>, Vec<_>) = group.into_iter().unzip();
-        match super::fold::fold(&store, &jobs).await {
-            Ok((outcomes, points)) => {
-                for point in points {
-                    // Nobody listening is fine.
-                    let _ = live.send(point);
-                }
+        let landed = {
+            let _turn = folder.landing_turn().await;
+            store.land_batches(&jobs).await
+        };
+        match landed {
+            Ok(outcomes) => {
+                let rows = outcomes
+                    .iter()
+                    .filter(|o| matches!(o, IngestOutcome::Landed { .. }))
+                    .count();
+                folder.landed(rows);
                 for (reply, outcome) in replies.into_iter().zip(outcomes) {
                     let _ = reply.send(Ok(outcome));
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, batches = jobs.len(), "writing batches failed");
+                tracing::error!(error = %e, batches = jobs.len(), "landing batches failed");
                 for reply in replies {
                     let _ = reply.send(Err(e.to_string()));
                 }

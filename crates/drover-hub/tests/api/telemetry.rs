@@ -342,6 +342,62 @@ async fn a_full_queue_answers_503_and_loses_nothing_acknowledged() {
     hub.stop().await.unwrap();
 }
 
+/// The points of a device's series, through the series list (which folds what has landed).
+async fn points_of(api: &Api, device: &str) -> i64 {
+    let (status, series) = api
+        .get(&format!("/api/v1/series?device={device}"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{series}");
+    series
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["points"].as_i64().unwrap())
+        .sum()
+}
+
+/// Batches are acknowledged once landed; a folder that never folds on its own (a long delay)
+/// changes nothing a reader sees, since reads fold first; and when more has landed than the
+/// folder has caught up with, devices are asked to come back later, with nothing lost.
+#[tokio::test]
+async fn landed_batches_are_read_at_once_and_a_folder_behind_slows_devices_down() {
+    let hub = TestHub::start_with(Engine::Sqlite, |c| {
+        c.ingest_fold_delay_ms = 600_000;
+        c.ingest_fold_batches = 1;
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let api = hub.api();
+    let (pk, _) = api.create_fleet("solar", true, 60).await.unwrap();
+    let (_, _, device) = TestDevice::enroll(&hub, &pk).await;
+    let frames: Vec<Vec<u8>> = (0..20)
+        .map(|k| device.frame(k as u64 + 1, readings(k * 10..(k + 1) * 10)))
+        .collect();
+    for frame in &frames[..3] {
+        assert_eq!(device.send_batch(frame.clone()).await.0, 204);
+    }
+    // Read at once: every acknowledged point is there.
+    assert_eq!(points_of(&api, &device.id).await, 90);
+    // The folder's backlog may hold 16 folds of one batch; the next batch is turned away.
+    for frame in &frames[3..19] {
+        assert_eq!(device.send_batch(frame.clone()).await.0, 204);
+    }
+    let (status, body, headers) = device.send_batch(frames[19].clone()).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (503, Some("queue_full")),
+        "{body}"
+    );
+    assert!(headers.contains_key("retry-after"));
+    // A read folds the backlog; the batch sent again is taken.
+    assert_eq!(points_of(&api, &device.id).await, 19 * 30);
+    assert_eq!(device.send_batch(frames[19].clone()).await.0, 204);
+    assert_eq!(points_of(&api, &device.id).await, 20 * 30);
+    hub.stop().await.unwrap();
+}
+
 fn register(meter: &str, ts: i64, value: i64) -> Reading {
     Reading {
         meter: drover_protocol::reading::MeterId::parse(meter).unwrap(),
