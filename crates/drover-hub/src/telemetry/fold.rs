@@ -1,5 +1,6 @@
-//! What the writer folds into the store: checked batches, grouped by series, and what comes
-//! out (stored or duplicate, and the points for the live stream).
+//! What the writer lands and the folder folds into the store: checked batches, grouped by
+//! series, and what comes out (landed or duplicate, stored points, the points for the live
+//! stream).
 
 use drover_protocol::ids::DeviceId;
 use drover_protocol::reading::{Channel, MeterId, Reading};
