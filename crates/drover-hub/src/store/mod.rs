@@ -17,6 +17,7 @@ mod attempts;
 mod devices;
 mod fleets;
 mod ingest;
+mod landing;
 pub mod migrations;
 mod orgs;
 mod releases;
