@@ -79,7 +79,13 @@ pub(super) fn placeholders(engine: Engine, rows: usize, columns: usize) -> Strin
         let tuple = format!("({})", vec!["?"; columns].join(", "));
         return vec![tuple; rows].join(", ");
     }
-    let mut out = String::with_capacity(rows * columns * 5);
+    numbered_placeholders(0, rows, columns)
+}
+
+/// PostgreSQL's `($n, ...)` tuples for `rows` rows of `columns`, numbered from `$first + 1`
+/// (for a statement that binds other parameters before them).
+pub(super) fn numbered_placeholders(first: usize, rows: usize, columns: usize) -> String {
+    let mut out = String::with_capacity(rows * columns * 6);
     for r in 0..rows {
         if r > 0 {
             out.push_str(", ");
@@ -90,7 +96,7 @@ pub(super) fn placeholders(engine: Engine, rows: usize, columns: usize) -> Strin
                 out.push_str(", ");
             }
             out.push('$');
-            out.push_str(&(r * columns + c + 1).to_string());
+            out.push_str(&(first + r * columns + c + 1).to_string());
         }
         out.push(')');
     }
@@ -232,7 +238,7 @@ impl Store {
     ) -> StoreResult<(Vec<FoldOutcome>, Vec<LivePoint>)> {
         // What landed before is folded first, so that the folds below are this group's alone.
         while self.fold_landed(None, usize::MAX).await?.rows > 0 {}
-        let landed = self.land(jobs).await?;
+        let landed = super::landing::Lander::new(self.clone()).land(jobs).await?;
         let mut folded = Vec::new();
         let mut live = Vec::new();
         loop {
@@ -779,7 +785,7 @@ fn points_row(series: &Series, window_start: i64, points: &[Point]) -> BlobRow {
     }
 }
 
-type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>;
+pub(super) type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>;
 
 fn bind_chunk_row<'q>(query: AnyQuery<'q>, row: &BlobRow) -> AnyQuery<'q> {
     query

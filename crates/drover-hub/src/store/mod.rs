@@ -29,7 +29,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use sqlx::any::{AnyPoolOptions, AnyRow};
-use sqlx::{AnyPool, Executor as _, Row as _};
+use sqlx::{AnyPool, Connection as _, Executor as _, Row as _};
 
 pub use attempts::{AttemptEvent, AttemptRecord};
 pub use devices::{
@@ -38,11 +38,14 @@ pub use devices::{
 };
 pub use fleets::{Fleet, FleetPatch, NewFleet};
 pub use ingest::{CHUNK_MAX_PIECES, ROLLUP_MAX_PIECES};
+pub use landing::Lander;
 pub use orgs::{ApiToken, Org};
 pub use releases::{NewRelease, Release};
 pub use reports::ReportRow;
 pub use sites::{Site, SitePatch};
-pub use telemetry::{CHUNK_WINDOW_MS, Series, SeriesFilter, StoredRow, rescale, rollup_window_ms};
+pub use telemetry::{
+    CHUNK_WINDOW_MS, Series, SeriesFilter, StoredRow, rescale, rollup_window_ms, unscale,
+};
 
 /// Which database engine a [`Store`] runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,6 +83,9 @@ pub enum StoreError {
     Conflict(String),
 }
 
+/// A pooled connection idle at least this long is checked before it is used again.
+const IDLE_CHECK: Duration = Duration::from_secs(30);
+
 /// Shorthand for store results.
 pub type StoreResult<T> = Result<T, StoreError>;
 
@@ -107,7 +113,20 @@ impl Store {
         } else {
             return Err(StoreError::UnsupportedUrl(redact_url(url)));
         };
-        let options = AnyPoolOptions::new().acquire_timeout(Duration::from_secs(30));
+        // A connection is checked (a round trip) only when it has been idle a while: checking
+        // each one as it is taken would add a round trip to every statement, and a connection
+        // that broke while busy fails its statement either way.
+        let options = AnyPoolOptions::new()
+            .acquire_timeout(Duration::from_secs(30))
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= IDLE_CHECK {
+                        conn.ping().await?;
+                    }
+                    Ok(true)
+                })
+            });
         let pool = match engine {
             // SQLite takes one writer at a time; a few connections let reads go on beside it.
             Engine::Sqlite => {

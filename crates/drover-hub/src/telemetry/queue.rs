@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::fold::{IngestJob, IngestOutcome};
 use super::folder::Folder;
-use crate::store::Store;
+use crate::store::{Lander, Store};
 
 /// How long a device is asked to wait when the queue is full.
 pub const RETRY_AFTER: Duration = Duration::from_secs(2);
@@ -119,6 +119,7 @@ async fn write_loop(
     folder: Folder,
     shutdown: CancellationToken,
 ) {
+    let mut lander = Lander::new(store);
     loop {
         let first = tokio::select! {
             entry = rx.recv() => entry,
@@ -139,16 +140,12 @@ async fn write_loop(
         let (jobs, replies): (Vec<IngestJob>, Vec<_>) = group.into_iter().unzip();
         let landed = {
             let _turn = folder.landing_turn().await;
-            store.land_batches(&jobs).await
+            lander.land(&jobs).await
         };
         match landed {
             Ok(outcomes) => {
-                let rows = outcomes
-                    .iter()
-                    .filter(|o| matches!(o, IngestOutcome::Landed { .. }))
-                    .count();
-                folder.landed(rows);
-                for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                folder.landed(outcomes.iter().map(|(_, rows)| rows).sum());
+                for (reply, (outcome, _)) in replies.into_iter().zip(outcomes) {
                     let _ = reply.send(Ok(outcome));
                 }
             }
