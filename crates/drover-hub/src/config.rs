@@ -88,9 +88,15 @@ pub struct HubConfig {
     /// Days raw points are kept (0: forever).
     #[serde(default = "default_retention_raw")]
     pub retention_raw_days: u32,
-    /// Days 1-minute rollups are kept (0: forever); hourly and daily ones are kept for good.
+    /// Days 1-minute rollups are kept (0: forever).
     #[serde(default = "default_retention_1m")]
     pub retention_1m_days: u32,
+    /// Days hourly rollups are kept (0: forever, the default).
+    #[serde(default)]
+    pub retention_1h_days: u32,
+    /// Days daily rollups are kept (0: forever, the default).
+    #[serde(default)]
+    pub retention_1d_days: u32,
 }
 
 /// TLS settings.
@@ -194,6 +200,8 @@ impl HubConfig {
             ingest_fold_batches: DEFAULT_INGEST_FOLD_BATCHES,
             retention_raw_days: DEFAULT_RETENTION_RAW_DAYS,
             retention_1m_days: DEFAULT_RETENTION_1M_DAYS,
+            retention_1h_days: 0,
+            retention_1d_days: 0,
         }
     }
 
@@ -244,6 +252,27 @@ impl HubConfig {
                 "ingest_fold_delay_ms must be at most 600000, got {}",
                 self.ingest_fold_delay_ms
             )));
+        }
+        // A coarser resolution is kept at least as long as a finer one, so that what a
+        // query or report cannot read at one resolution it finds at the next.
+        let retention = [
+            ("retention_raw_days", self.retention_raw_days),
+            ("retention_1m_days", self.retention_1m_days),
+            ("retention_1h_days", self.retention_1h_days),
+            ("retention_1d_days", self.retention_1d_days),
+        ];
+        for pair in retention.windows(2) {
+            let ((finer, kept), (coarser, coarser_kept)) = (pair[0], pair[1]);
+            if coarser_kept != 0 && (kept == 0 || coarser_kept < kept) {
+                return Err(ConfigError::Invalid(format!(
+                    "{coarser} ({coarser_kept}) must be 0 (forever) or at least {finer} ({})",
+                    if kept == 0 {
+                        "forever".to_string()
+                    } else {
+                        kept.to_string()
+                    }
+                )));
+            }
         }
         if self.max_json_bytes < 1024 {
             return Err(ConfigError::Invalid(
@@ -305,6 +334,32 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("cert and key"), "{err}");
+        for (retention, key) in [
+            ("retention_1m_days = 100", "retention_1m_days"),
+            (
+                "retention_raw_days = 0\nretention_1m_days = 900",
+                "retention_1m_days",
+            ),
+            ("retention_1h_days = 1000", "retention_1h_days"),
+            (
+                "retention_1h_days = 0\nretention_1d_days = 3000",
+                "retention_1d_days",
+            ),
+        ] {
+            let err = HubConfig::parse(
+                &format!("data_dir = '/x'\n{retention}"),
+                Path::new("h.toml"),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains(key), "{retention}: {err}");
+        }
+        let kept = "data_dir = '/x'\nretention_1h_days = 3650\nretention_1d_days = 3650";
+        let config = HubConfig::parse(kept, Path::new("h.toml")).unwrap();
+        assert_eq!(
+            (config.retention_1h_days, config.retention_1d_days),
+            (3650, 3650)
+        );
     }
 
     #[test]

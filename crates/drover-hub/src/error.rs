@@ -166,6 +166,27 @@ fn json_rejection(rejection: JsonRejection) -> ApiError {
     }
 }
 
+/// Path parameters whose rejections are [`ApiError`]s (a report ID that is not a number, say).
+pub struct ApiPath<T>(pub T);
+
+impl<S, T> FromRequestParts<S> for ApiPath<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned + Send,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(value)) => Ok(ApiPath(value)),
+            Err(rejection) => Err(ApiError::bad_request(
+                "invalid_path",
+                format!("the URL's path is not right: {}", rejection.body_text()),
+            )),
+        }
+    }
+}
+
 /// A query string whose rejections are [`ApiError`]s.
 pub struct ApiQuery<T>(pub T);
 

@@ -6,8 +6,8 @@
 
 use drover_hub::store::SeriesFilter;
 use drover_hub::store::{
-    DeviceFilter, FleetPatch, NewDevice, NewFleet, NewRelease, Presence, Reported, SeedCheckin,
-    SitePatch, Store, StoreError,
+    DeviceFilter, FleetPatch, Lander, NewDevice, NewFleet, NewRelease, Presence, Reported,
+    SeedCheckin, SitePatch, Store, StoreError,
 };
 use drover_hub::telemetry::energy::Anomaly;
 use drover_hub::telemetry::fold::{FoldOutcome, IngestJob, IngestOutcome, Point, SeriesPoints};
@@ -80,6 +80,7 @@ conformance!(
     small_batches_are_appended_then_recoded_into_the_same_data,
     landed_batches_wait_until_folded_then_fold_together,
     seed_readings_past_a_frames_limits_land_in_parts,
+    landers_that_race_on_a_device_store_each_batch_once,
 );
 
 mod cases {
@@ -866,6 +867,65 @@ mod cases {
         assert_eq!(stored_points(store, a).await, points);
     }
 
+    pub async fn landers_that_race_on_a_device_store_each_batch_once(store: &Store) {
+        // Two landers (two hub replicas' writers) remember what they claimed; each finds out
+        // when the other claimed since, reads the device again, and no batch is stored twice.
+        let (a, d) = enrolled(store, "a").await;
+        let start = 3_600_000 * 10;
+        let points: Vec<(i64, i64)> = (0..90).map(|i| (start + i * 2_000, 100 + i)).collect();
+        let batch = |seq: u64| {
+            let from = (seq as usize - 1) * 30;
+            job(a, &d, seq, vec![energy("m", &points[from..from + 30])])
+        };
+        let outcomes = |landed: Vec<(IngestOutcome, usize)>| -> Vec<IngestOutcome> {
+            landed.into_iter().map(|(o, _)| o).collect()
+        };
+        let landed = IngestOutcome::Landed { points: 30 };
+        let duplicate = |last_seq| IngestOutcome::Duplicate { last_seq };
+        let mut one = Lander::new(store.clone());
+        let mut two = Lander::new(store.clone());
+        assert_eq!(outcomes(one.land(&[batch(1)]).await.unwrap()), [landed]);
+        assert_eq!(
+            outcomes(two.land(&[batch(1)]).await.unwrap()),
+            [duplicate(1)]
+        );
+        // `two` still knows the device at 1 when `one` claims 2.
+        assert_eq!(outcomes(one.land(&[batch(2)]).await.unwrap()), [landed]);
+        assert_eq!(
+            outcomes(two.land(&[batch(2), batch(3)]).await.unwrap()),
+            [duplicate(2), landed]
+        );
+        assert_eq!(
+            outcomes(one.land(&[batch(3)]).await.unwrap()),
+            [duplicate(3)]
+        );
+        // A batch without a number (the seed's JSON) lands whatever the claims do.
+        let seed = IngestJob {
+            seq: None,
+            ..job(a, &d, 0, vec![energy("seed", &[(start, 1)])])
+        };
+        assert_eq!(
+            outcomes(one.land(&[batch(3), seed]).await.unwrap()),
+            [duplicate(3), IngestOutcome::Landed { points: 1 }]
+        );
+        assert_eq!(store.landed_rows().await.unwrap(), 4);
+        while store.fold_landed(None, usize::MAX).await.unwrap().rows > 0 {}
+        let mut stored = stored_points(store, a).await;
+        stored.retain(|&(ts, value)| (ts, value) != (start, 1));
+        assert_eq!(stored, points, "every batch once");
+        let device = store.device(a, &d).await.unwrap().unwrap();
+        assert_eq!(
+            device.telemetry_bytes, 300,
+            "three batches' bytes, each once"
+        );
+        // A device that is not there: nothing is stored.
+        let stranger = job(a, &DeviceId::parse("nobodyhere").unwrap(), 1, vec![]);
+        assert_eq!(
+            outcomes(one.land(&[stranger]).await.unwrap()),
+            [duplicate(0)]
+        );
+    }
+
     pub async fn seed_readings_past_a_frames_limits_land_in_parts(store: &Store) {
         let (a, d) = enrolled(store, "a").await;
         let start = 3_600_000 * 10;
@@ -993,6 +1053,36 @@ mod cases {
             1
         );
         assert_eq!(store.points(a, s.id, 0, i64::MAX).await.unwrap().len(), 30);
+        // Each resolution's rollups go by their own windows (a day of minutes, 30 days of
+        // hours, 1000 days of days), and only that resolution's.
+        let count =
+            async |r: Resolution| store.buckets(a, s.id, r, 0, i64::MAX).await.unwrap().len();
+        let (minutes, hours, days) = (
+            count(Resolution::Minute).await,
+            count(Resolution::Hour).await,
+            count(Resolution::Day).await,
+        );
+        assert!(minutes > 0 && hours > 0 && days > 0);
+        let far = 4_000 * 86_400_000;
+        assert!(
+            store
+                .delete_older_than(Some(Resolution::Hour), far)
+                .await
+                .unwrap()
+                > 0
+        );
+        assert_eq!(count(Resolution::Hour).await, 0);
+        assert_eq!(count(Resolution::Minute).await, minutes);
+        assert_eq!(count(Resolution::Day).await, days);
+        assert!(
+            store
+                .delete_older_than(Some(Resolution::Day), far)
+                .await
+                .unwrap()
+                > 0
+        );
+        assert_eq!(count(Resolution::Day).await, 0);
+        assert_eq!(count(Resolution::Minute).await, minutes);
         let device = store.device(a, &d).await.unwrap().unwrap();
         assert_eq!(device.id, d);
     }
@@ -1097,6 +1187,26 @@ mod cases {
             ..SeriesFilter::default()
         };
         assert!(store.list_series(a, &untagged).await.unwrap().is_empty());
+        // A tag is matched exactly: `_` is no wildcard, case counts, no partial words.
+        let facts = Facts {
+            tags: vec!["shop".into(), "pv_roof".into()],
+            ..Facts::default()
+        };
+        store.record_facts(&d, &facts).await.unwrap();
+        let tag = |t: &str| SeriesFilter {
+            tag: Some(t.into()),
+            ..SeriesFilter::default()
+        };
+        assert_eq!(
+            store.list_series(a, &tag("pv_roof")).await.unwrap().len(),
+            2
+        );
+        for other in ["pvXroof", "Shop", "sho", "pv"] {
+            assert!(
+                store.list_series(a, &tag(other)).await.unwrap().is_empty(),
+                "{other}"
+            );
+        }
         let theirs = store
             .list_series(b, &SeriesFilter::default())
             .await

@@ -12,11 +12,23 @@ use super::site::{format_time, parse_date};
 use crate::Ctx;
 use crate::table;
 
-/// `drover series list`.
+/// `drover series ...`.
 #[derive(Debug, Subcommand)]
 pub enum SeriesCommand {
     /// List series (one channel of one meter of one device).
     List(SeriesFilter),
+    /// Show where a cumulative register went backwards (a reset, a rollover or a small step
+    /// back), as flagged when the readings arrived.
+    Flags {
+        /// The series ID (from `drover series list`).
+        id: i64,
+        /// Start: YYYY-MM-DD, RFC 3339, or Unix ms (default: the beginning).
+        #[arg(long)]
+        from: Option<String>,
+        /// End, exclusive (default: no end).
+        #[arg(long)]
+        to: Option<String>,
+    },
 }
 
 /// Filters shared by `series list` and `query`.
@@ -77,7 +89,7 @@ fn encode(value: &str) -> String {
         .collect()
 }
 
-/// Output formats for `drover query` and `drover report export`.
+/// Output formats for `drover query`.
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum Format {
     /// A table.
@@ -156,9 +168,18 @@ pub enum ReportCommand {
         #[arg(long)]
         out: Option<PathBuf>,
         /// csv or json.
-        #[arg(long, value_enum, default_value_t = Format::Csv)]
-        format: Format,
+        #[arg(long, value_enum, default_value_t = ExportFormat::Csv)]
+        format: ExportFormat,
     },
+}
+
+/// Formats for `drover report export`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ExportFormat {
+    /// CSV: the meters, the total, then every gap, flag and replacement.
+    Csv,
+    /// The report as the API gives it.
+    Json,
 }
 
 /// A time argument: a date, RFC 3339, or Unix ms, as the hub's API takes it.
@@ -172,7 +193,10 @@ fn time_arg(text: &str) -> anyhow::Result<String> {
 /// Runs `drover series ...`.
 pub async fn series(ctx: &Ctx, command: SeriesCommand) -> anyhow::Result<ExitCode> {
     let client = ctx.client()?;
-    let SeriesCommand::List(filter) = command;
+    let filter = match command {
+        SeriesCommand::List(filter) => filter,
+        SeriesCommand::Flags { id, from, to } => return flags(ctx, id, from, to).await,
+    };
     let series: Value = client
         .get(&format!("/api/v1/series{}", filter.query()))
         .await?;
@@ -205,6 +229,65 @@ pub async fn series(ctx: &Ctx, command: SeriesCommand) -> anyhow::Result<ExitCod
         table::render(
             &[
                 "ID", "DEVICE", "METER", "CHANNEL", "LAST", "POINTS", "UPDATED"
+            ],
+            &rows
+        )
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs `drover series flags`.
+async fn flags(
+    ctx: &Ctx,
+    id: i64,
+    from: Option<String>,
+    to: Option<String>,
+) -> anyhow::Result<ExitCode> {
+    let client = ctx.client()?;
+    let mut params = Vec::new();
+    if let Some(from) = &from {
+        params.push(format!("from={}", encode(&time_arg(from)?)));
+    }
+    if let Some(to) = &to {
+        params.push(format!("to={}", encode(&time_arg(to)?)));
+    }
+    let flags: Value = client
+        .get(&format!("/api/v1/series/{id}/flags?{}", params.join("&")))
+        .await?;
+    if ctx.json() {
+        return ctx.print_json(&flags).map(|()| ExitCode::SUCCESS);
+    }
+    let rows: Vec<Vec<String>> = flags
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|f| {
+            vec![
+                field(f, "kind"),
+                f["from_ts"]
+                    .as_i64()
+                    .map_or_else(|| "-".into(), format_time),
+                f["to_ts"].as_i64().map_or_else(|| "-".into(), format_time),
+                field(f, "from_value"),
+                field(f, "to_value"),
+                field(f, "counted"),
+            ]
+        })
+        .collect();
+    if rows.is_empty() {
+        println!("No flags: the register never went backwards.");
+        return Ok(ExitCode::SUCCESS);
+    }
+    print!(
+        "{}",
+        table::render(
+            &[
+                "KIND",
+                "BEFORE (UTC)",
+                "AFTER (UTC)",
+                "FROM",
+                "TO",
+                "COUNTED"
             ],
             &rows
         )
@@ -335,11 +418,11 @@ pub async fn report(ctx: &Ctx, command: ReportCommand) -> anyhow::Result<ExitCod
         }
         ReportCommand::Export { id, out, format } => {
             let text = match format {
-                Format::Json => {
+                ExportFormat::Json => {
                     let report: Value = client.get(&format!("/api/v1/reports/{id}")).await?;
                     serde_json::to_string_pretty(&report)?
                 }
-                Format::Csv | Format::Table => {
+                ExportFormat::Csv => {
                     client
                         .get_text(&format!("/api/v1/reports/{id}/csv"))
                         .await?
@@ -358,6 +441,13 @@ pub async fn report(ctx: &Ctx, command: ReportCommand) -> anyhow::Result<ExitCod
     Ok(ExitCode::SUCCESS)
 }
 
+/// An `energy_wh` field as the shortest decimal that is exact (897, 123.45).
+fn wh(value: &Value) -> String {
+    value["energy_wh"]
+        .as_f64()
+        .map_or_else(|| "-".into(), |wh| wh.to_string())
+}
+
 fn print_report(ctx: &Ctx, report: &Value) -> anyhow::Result<()> {
     if ctx.json() {
         return ctx.print_json(report);
@@ -374,7 +464,7 @@ fn print_report(ctx: &Ctx, report: &Value) -> anyhow::Result<()> {
         c["from"].as_i64().map_or_else(|| "-".into(), format_time),
         c["to"].as_i64().map_or_else(|| "-".into(), format_time)
     );
-    println!("Energy:       {} Wh", field(c, "energy_wh"));
+    println!("Energy:       {} Wh", wh(c));
     println!(
         "Completeness: {:.2} %",
         c["completeness_pct"].as_f64().unwrap_or(0.0)
@@ -406,7 +496,7 @@ fn print_report(ctx: &Ctx, report: &Value) -> anyhow::Result<()> {
                 field(m, "device"),
                 field(m, "meter"),
                 field(m, "site"),
-                field(m, "energy_wh"),
+                wh(m),
                 format!("{:.2}", m["completeness_pct"].as_f64().unwrap_or(0.0)),
                 m["gaps"].as_array().map_or(0, Vec::len).to_string(),
                 m["flags"].as_array().map_or(0, Vec::len).to_string(),

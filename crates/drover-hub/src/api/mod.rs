@@ -65,6 +65,7 @@ pub fn router(hub: HubState) -> Router {
         .route("/api/v1/sites", get(sites::list).post(sites::create))
         .route("/api/v1/series", get(series::list))
         .route("/api/v1/series/{id}/data", get(series::data))
+        .route("/api/v1/series/{id}/flags", get(series::flags))
         .route("/api/v1/live", get(series::live))
         .route("/api/v1/reports", get(reports::list).post(reports::create))
         .route("/api/v1/reports/{id}", get(reports::show))

@@ -1,7 +1,7 @@
 //! Management API: energy reports — create, show, freeze (immutable, with a content hash),
 //! export as CSV.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use drover_protocol::ids::sha256_hex;
@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::series::parse_time;
 use super::sites::site_named;
-use crate::error::{ApiError, ApiJson};
+use crate::error::{ApiError, ApiJson, ApiPath};
 use crate::state::{HubState, Operator};
 use crate::store::{ReportRow, now_ms};
 use crate::telemetry::report::{ReportContent, Scope, compute, to_csv};
@@ -224,6 +224,9 @@ async fn current(
         None => (row.scope.as_str(), false),
     };
     let scope = scope_of(hub, op, kind, &row.subject).await?;
+    // A draft (and what a freeze stores) covers every batch acknowledged before it was asked
+    // for.
+    hub.folder.settle().await?;
     Ok(compute(&hub.store, op.org_id, &scope, row.from, row.to, since_start).await?)
 }
 
@@ -231,7 +234,7 @@ async fn current(
 pub async fn show(
     State(hub): State<HubState>,
     op: Operator,
-    Path(id): Path<i64>,
+    ApiPath(id): ApiPath<i64>,
 ) -> Result<axum::Json<ReportView>, ApiError> {
     Ok(axum::Json(view(&hub, &op, id).await?))
 }
@@ -241,7 +244,7 @@ pub async fn show(
 pub async fn freeze(
     State(hub): State<HubState>,
     op: Operator,
-    Path(id): Path<i64>,
+    ApiPath(id): ApiPath<i64>,
 ) -> Result<axum::Json<ReportView>, ApiError> {
     let existing = view(&hub, &op, id).await?;
     if existing.frozen {
@@ -264,7 +267,7 @@ pub async fn freeze(
 pub async fn csv(
     State(hub): State<HubState>,
     op: Operator,
-    Path(id): Path<i64>,
+    ApiPath(id): ApiPath<i64>,
 ) -> Result<impl IntoResponse, ApiError> {
     let report = view(&hub, &op, id).await?;
     Ok((

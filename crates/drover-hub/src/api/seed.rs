@@ -409,6 +409,26 @@ fn meter_id(prefix: &str, name: &str) -> Result<drover_protocol::reading::MeterI
         .map_err(|e| ApiError::bad_request("invalid_meter", e.to_string()))
 }
 
+/// Only an accepted device's readings are stored. The seed's meter readers keep what was not
+/// answered with 2xx and send it again, so a device waiting for acceptance loses nothing: its
+/// readings arrive once an operator accepts it.
+fn may_send_readings(device: &DeviceId, status: DeviceStatus) -> Result<(), ApiError> {
+    match status {
+        DeviceStatus::Accepted => Ok(()),
+        DeviceStatus::Pending => Err(ApiError::forbidden(
+            "device_pending",
+            format!(
+                "device {device} waits to be accepted ('drover device accept {device}'); \
+                 nothing was stored; send the readings again once it is"
+            ),
+        )),
+        DeviceStatus::Revoked => Err(ApiError::forbidden(
+            "device_revoked",
+            format!("device {device} was revoked; nothing was stored"),
+        )),
+    }
+}
+
 async fn store_seed_points(
     hub: &HubState,
     fleet: &Fleet,
@@ -486,12 +506,7 @@ pub async fn modbusnotification(
             "seed",
         )
         .await?;
-    if device.status == DeviceStatus::Revoked {
-        return Err(ApiError::forbidden(
-            "device_revoked",
-            format!("device {device_id} was revoked"),
-        ));
-    }
+    may_send_readings(&device_id, device.status)?;
     let mut by_meter: std::collections::BTreeMap<String, Vec<(i64, f64)>> = Default::default();
     for m in &note.measurements {
         by_meter
@@ -549,7 +564,8 @@ pub async fn energynotification(
         ));
     }
     let device_id = parse_device_id(&format!("seedmeters-{}", fleet.id))?;
-    hub.store
+    let device = hub
+        .store
         .ensure_seed_device(
             fleet.org_id,
             fleet.id,
@@ -559,6 +575,7 @@ pub async fn energynotification(
             "seed-pulse-meter",
         )
         .await?;
+    may_send_readings(&device_id, device.status)?;
     let mut series = Vec::new();
     for meter in meters {
         let energies: Vec<f64> = meter.events.iter().map(|e| e.energy).collect();

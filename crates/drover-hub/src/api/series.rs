@@ -4,16 +4,17 @@
 use std::convert::Infallible;
 use std::time::Duration;
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use drover_protocol::reading::Channel;
 use futures_util::Stream;
 use serde::{Deserialize, Serialize};
 
 use super::sites::site_named;
-use crate::error::{ApiError, ApiQuery};
+use crate::error::{ApiError, ApiPath, ApiQuery};
 use crate::state::{HubState, Operator};
-use crate::store::{Series, SeriesFilter, now_ms};
+use crate::store::{Series, SeriesFilter, now_ms, unscale};
+use crate::telemetry::energy::Anomaly;
 use crate::telemetry::rollup::{Bucket, Resolution, energy_per_bucket};
 
 /// The most points one range query returns.
@@ -68,7 +69,6 @@ pub struct SeriesView {
 
 impl From<Series> for SeriesView {
     fn from(s: Series) -> SeriesView {
-        let factor = 10f64.powi(i32::try_from(s.scale).unwrap_or(0));
         SeriesView {
             id: s.id,
             device: s.device,
@@ -77,7 +77,7 @@ impl From<Series> for SeriesView {
             unit: s.unit,
             first_ts: s.first_ts,
             last_ts: s.last_ts,
-            last_value: s.last_value.map(|v| v as f64 * factor),
+            last_value: s.last_value.map(|v| unscale(i128::from(v), s.scale)),
             points: s.points,
         }
     }
@@ -179,11 +179,75 @@ async fn series_of(hub: &HubState, op: &Operator, id: i64) -> Result<Series, Api
         .ok_or_else(|| ApiError::not_found(format!("series {id}")))
 }
 
+/// Query of `GET /api/v1/series/{id}/flags`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FlagsQuery {
+    /// Start: Unix ms or RFC 3339 (default: the beginning).
+    #[serde(default)]
+    pub from: Option<String>,
+    /// End, exclusive (default: no end).
+    #[serde(default)]
+    pub to: Option<String>,
+}
+
+/// A step of a cumulative register that the bridge flagged as it stored it: the register went
+/// backwards, explained as a rollover, a reset, or a small step back.
+#[derive(Debug, Serialize)]
+pub struct FlagView {
+    /// `rollover`, `reset` or `backwards`.
+    pub kind: Anomaly,
+    /// Time of the reading before the step (Unix ms).
+    pub from_ts: i64,
+    /// Time of the reading after it.
+    pub to_ts: i64,
+    /// The register before, in the series' unit.
+    pub from_value: f64,
+    /// The register after.
+    pub to_value: f64,
+    /// The energy counted for the step, in the series' unit.
+    pub counted: f64,
+}
+
+/// `GET /api/v1/series/{id}/flags`: the series' flagged steps, oldest first.
+pub async fn flags(
+    State(hub): State<HubState>,
+    op: Operator,
+    ApiPath(id): ApiPath<i64>,
+    ApiQuery(query): ApiQuery<FlagsQuery>,
+) -> Result<axum::Json<Vec<FlagView>>, ApiError> {
+    let series = series_of(&hub, &op, id).await?;
+    let from = query.from.as_deref().map(parse_time).transpose()?;
+    let to = query.to.as_deref().map(parse_time).transpose()?;
+    let (from, to) = (from.unwrap_or(i64::MIN), to.unwrap_or(i64::MAX));
+    if from >= to {
+        return Err(ApiError::bad_request(
+            "invalid_range",
+            "from must be before to",
+        ));
+    }
+    let flags = hub.store.flags(op.org_id, series.id, from, to).await?;
+    let unit = |v: i64| unscale(i128::from(v), series.scale);
+    Ok(axum::Json(
+        flags
+            .into_iter()
+            .map(|f| FlagView {
+                kind: f.kind,
+                from_ts: f.from_ts,
+                to_ts: f.to_ts,
+                from_value: unit(f.from_value),
+                to_value: unit(f.to_value),
+                counted: unit(f.counted),
+            })
+            .collect(),
+    ))
+}
+
 /// `GET /api/v1/series/{id}/data`.
 pub async fn data(
     State(hub): State<HubState>,
     op: Operator,
-    Path(id): Path<i64>,
+    ApiPath(id): ApiPath<i64>,
     ApiQuery(query): ApiQuery<DataQuery>,
 ) -> Result<axum::Json<DataView>, ApiError> {
     let series = series_of(&hub, &op, id).await?;

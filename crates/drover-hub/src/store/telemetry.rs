@@ -12,7 +12,7 @@ use serde::Serialize;
 use sqlx::Row as _;
 use sqlx::any::AnyRow;
 
-use super::{Store, StoreError, StoreResult};
+use super::{Engine, Store, StoreError, StoreResult};
 use crate::telemetry::chunk;
 use crate::telemetry::energy::{Anomaly, step_energy};
 use crate::telemetry::fold::Point;
@@ -110,6 +110,18 @@ pub(super) fn series_from_row(row: &AnyRow) -> StoreResult<Series> {
     })
 }
 
+/// A value stored as `value × 10^scale`, in its unit: divided by an exact power of ten for a
+/// negative scale (so that 12345 at scale -2 is the `f64` nearest 123.45, with none of the
+/// error a multiplication by 0.01 adds).
+pub fn unscale(value: i128, scale: i64) -> f64 {
+    let power = 10f64.powi(i32::try_from(scale.unsigned_abs()).unwrap_or(i32::MAX));
+    if scale < 0 {
+        value as f64 / power
+    } else {
+        value as f64 * power
+    }
+}
+
 /// Rescales a value from one decimal exponent to another (rounding when it gets coarser).
 pub fn rescale(value: i64, from: i8, to: i8) -> i64 {
     let diff = i32::from(from) - i32::from(to);
@@ -130,32 +142,39 @@ impl Store {
         org_id: i64,
         filter: &SeriesFilter,
     ) -> StoreResult<Vec<Series>> {
+        // Tags are stored as a JSON array: look for the tag as a JSON string, an exact,
+        // case-sensitive substring (LIKE would take a tag's `_` for a wildcard, and SQLite's
+        // LIKE ignores case).
         let tag = filter
             .tag
             .as_ref()
-            .map(|t| format!("%\"{}\"%", t.replace(['%', '_'], "")));
-        let rows = sqlx::query(concat!(
-            "SELECT ",
-            series_columns!(),
-            " FROM series s JOIN devices d ON d.id = s.device_id AND d.org_id = s.org_id
+            .map(|t| serde_json::to_string(t).unwrap_or_default());
+        let contains = match self.engine {
+            Engine::Sqlite => "instr(d.tags, $7) > 0",
+            Engine::Postgres => "strpos(d.tags, $7) > 0",
+        };
+        let sql = format!(
+            "SELECT {} FROM series s JOIN devices d ON d.id = s.device_id AND d.org_id = s.org_id
              WHERE s.org_id = $1
                AND ($2 < 0 OR d.site_id = $2)
                AND ($3 = '' OR s.device_id = $3)
                AND ($4 = '' OR d.device_type = $4)
                AND ($5 = '' OR s.meter = $5)
                AND ($6 = '' OR s.channel = $6)
-               AND ($7 = '' OR d.tags LIKE $7)
-             ORDER BY s.device_id, s.meter, s.channel"
-        ))
-        .bind(org_id)
-        .bind(filter.site_id.unwrap_or(-1))
-        .bind(filter.device.as_deref().unwrap_or(""))
-        .bind(filter.device_type.as_deref().unwrap_or(""))
-        .bind(filter.meter.as_deref().unwrap_or(""))
-        .bind(filter.channel.as_deref().unwrap_or(""))
-        .bind(tag.as_deref().unwrap_or(""))
-        .fetch_all(&self.pool)
-        .await?;
+               AND ($7 = '' OR {contains})
+             ORDER BY s.device_id, s.meter, s.channel",
+            series_columns!()
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(org_id)
+            .bind(filter.site_id.unwrap_or(-1))
+            .bind(filter.device.as_deref().unwrap_or(""))
+            .bind(filter.device_type.as_deref().unwrap_or(""))
+            .bind(filter.meter.as_deref().unwrap_or(""))
+            .bind(filter.channel.as_deref().unwrap_or(""))
+            .bind(tag.as_deref().unwrap_or(""))
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter().map(series_from_row).collect()
     }
 

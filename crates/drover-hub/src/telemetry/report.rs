@@ -10,9 +10,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::energy::{Flag, Gap, interval_energy, register_energy, typical_interval};
+use super::energy::{Anomaly, Flag, Gap, interval_energy, register_energy, typical_interval};
 use super::rollup::Resolution;
-use crate::store::{Series, SeriesFilter, Site, Store, StoreResult, now_ms};
+use crate::store::{Series, SeriesFilter, Site, Store, StoreResult, now_ms, unscale};
 
 /// Look this far beyond a period's edges for the readings that straddle them.
 const EDGE_LOOKAROUND_MS: i64 = 7 * 86_400_000;
@@ -70,8 +70,8 @@ pub struct MeterEnergy {
     pub from: i64,
     /// End (exclusive).
     pub to: i64,
-    /// Energy, in Wh.
-    pub energy_wh: i64,
+    /// Energy, in Wh (exact to the meter's resolution: a 0.01 Wh register gives 0.01 Wh).
+    pub energy_wh: f64,
     /// Share of its period with readings, in percent.
     pub completeness_pct: f64,
     /// Minutes with readings.
@@ -79,7 +79,55 @@ pub struct MeterEnergy {
     /// Every gap.
     pub gaps: Vec<Gap>,
     /// Every reset, rollover or backward step.
-    pub flags: Vec<Flag>,
+    pub flags: Vec<ReportFlag>,
+}
+
+/// A flagged step of a meter's register, in Wh.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReportFlag {
+    /// The anomaly.
+    pub kind: Anomaly,
+    /// Time of the reading before the step (Unix ms).
+    pub from_ts: i64,
+    /// Time of the reading after it.
+    pub to_ts: i64,
+    /// The register before, in Wh.
+    #[serde(alias = "from_value")]
+    pub from_wh: f64,
+    /// The register after, in Wh.
+    #[serde(alias = "to_value")]
+    pub to_wh: f64,
+    /// The energy counted for the step, in Wh.
+    #[serde(alias = "counted")]
+    pub counted_wh: f64,
+}
+
+impl ReportFlag {
+    fn new(flag: &Flag, scale: i64) -> ReportFlag {
+        ReportFlag {
+            kind: flag.kind,
+            from_ts: flag.from_ts,
+            to_ts: flag.to_ts,
+            from_wh: unscale(i128::from(flag.from_value), scale),
+            to_wh: unscale(i128::from(flag.to_value), scale),
+            counted_wh: unscale(i128::from(flag.counted), scale),
+        }
+    }
+}
+
+/// The sum of values each stored at its own scale, in Wh, added exactly (at the finest scale)
+/// before the one conversion.
+fn sum_in_wh(values: &[(i64, i64)]) -> f64 {
+    let Some(finest) = values.iter().map(|&(_, scale)| scale).min() else {
+        return 0.0;
+    };
+    let mut total: i128 = 0;
+    for &(value, scale) in values {
+        let shift = u32::try_from(scale - finest).unwrap_or(u32::MAX);
+        let factor = 10i128.checked_pow(shift).unwrap_or(i128::MAX);
+        total = total.saturating_add(i128::from(value).saturating_mul(factor));
+    }
+    unscale(total, finest)
 }
 
 /// A replacement seen at a device: one meter's readings end, another's begin.
@@ -111,7 +159,7 @@ pub struct ReportContent {
     /// When it was computed.
     pub generated_at: i64,
     /// Total energy, in Wh.
-    pub energy_wh: i64,
+    pub energy_wh: f64,
     /// Time-weighted completeness over the meters, in percent.
     pub completeness_pct: f64,
     /// Per meter.
@@ -160,6 +208,8 @@ pub async fn compute(
         }
     }
     let mut meters = Vec::new();
+    // Each meter's energy in its register's own unit, and that unit's scale, for the total.
+    let mut scaled: Vec<(i64, i64)> = Vec::new();
     let mut first_last: Vec<(String, String, i64, i64)> = Vec::new();
     for (series, start, site) in parts {
         let (lo, hi) = (start - EDGE_LOOKAROUND_MS, to + EDGE_LOOKAROUND_MS);
@@ -185,20 +235,25 @@ pub async fn compute(
             let gap_after = interval.map_or(MIN_GAP_MS, |t| (t * 3 / 2).max(MIN_GAP_MS));
             register_energy(&points, start, to, gap_after)
         };
+        scaled.push((energy.energy, series.scale));
         meters.push(MeterEnergy {
             device: series.device,
             site,
             meter: series.meter,
             from: start,
             to,
-            energy_wh: energy.energy,
+            energy_wh: unscale(i128::from(energy.energy), series.scale),
             completeness_pct: energy.completeness_pct,
             minutes_with_data: buckets
                 .iter()
                 .filter(|b| b.start >= start && b.start < to)
                 .count(),
             gaps: energy.gaps,
-            flags: energy.flags,
+            flags: energy
+                .flags
+                .iter()
+                .map(|f| ReportFlag::new(f, series.scale))
+                .collect(),
         });
     }
     let replacements = replacements(&first_last, from, to);
@@ -219,7 +274,7 @@ pub async fn compute(
         from,
         to,
         generated_at: now_ms(),
-        energy_wh: meters.iter().map(|m| m.energy_wh).sum(),
+        energy_wh: sum_in_wh(&scaled),
         completeness_pct,
         meters,
         replacements,
@@ -319,7 +374,7 @@ pub fn to_csv(content: &ReportContent, id: i64, sha256: Option<&str>) -> String 
             ));
         }
     }
-    out.push_str("\n# flags\ndevice,meter,kind,from_ms,to_ms,from_value,to_value,counted_wh\n");
+    out.push_str("\n# flags\ndevice,meter,kind,from_ms,to_ms,from_wh,to_wh,counted_wh\n");
     for m in &content.meters {
         for f in &m.flags {
             out.push_str(&format!(
@@ -329,9 +384,9 @@ pub fn to_csv(content: &ReportContent, id: i64, sha256: Option<&str>) -> String 
                 f.kind,
                 f.from_ts,
                 f.to_ts,
-                f.from_value,
-                f.to_value,
-                f.counted
+                f.from_wh,
+                f.to_wh,
+                f.counted_wh
             ));
         }
     }
@@ -379,6 +434,16 @@ mod tests {
             (found[0].old_meter.as_str(), found[0].new_meter.as_str()),
             ("modbus-1", "modbus-2")
         );
+    }
+
+    #[test]
+    fn scaled_values_are_converted_to_wh_exactly() {
+        assert_eq!(unscale(12_345, -2), 123.45);
+        assert_eq!(unscale(7, 3), 7_000.0);
+        assert_eq!(unscale(-5, 0), -5.0);
+        // 0.1 + 0.2 Wh at scale -1 and 1 kWh at scale 3: added as integers, then converted.
+        assert_eq!(sum_in_wh(&[(1, -1), (2, -1), (1, 3)]), 1_000.3);
+        assert_eq!(sum_in_wh(&[]), 0.0);
     }
 
     #[test]

@@ -1,6 +1,7 @@
-//! Retention: raw chunks and 1-minute rollups older than the configured number of days are
-//! deleted once an hour; hourly and daily rollups are kept for good (they are small, and energy
-//! reports over years read them).
+//! Retention: raw chunks and rollups older than their resolution's configured number of days
+//! are deleted once an hour. By default raw points are kept 400 days, 1-minute rollups five
+//! years (energy reports read these two), and hourly and daily rollups for good (they are small,
+//! and charts over years read them).
 
 use std::time::Duration;
 
@@ -31,6 +32,8 @@ pub async fn apply(hub: &HubState) {
     let passes = [
         (None, hub.config.retention_raw_days),
         (Some(Resolution::Minute), hub.config.retention_1m_days),
+        (Some(Resolution::Hour), hub.config.retention_1h_days),
+        (Some(Resolution::Day), hub.config.retention_1d_days),
     ];
     for (resolution, days) in passes {
         if days == 0 {

@@ -94,6 +94,19 @@ pub(crate) async fn bad_input_gets_clear_4xx_bodies(hub: &TestHub) {
         (status, body["error"].as_str()),
         (400, Some("invalid_device_id"))
     );
+    // Numeric IDs that are not numbers get a JSON error, like everything else.
+    for path in [
+        "/api/v1/reports/abc",
+        "/api/v1/reports/abc/csv",
+        "/api/v1/series/1x/data",
+    ] {
+        let (status, body) = api.get(path).await.unwrap();
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (400, Some("invalid_path")),
+            "{path}: {body}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -449,6 +449,42 @@ pub(crate) async fn energy_reports_handle_resets_replacements_and_freeze(hub: &T
     assert_eq!(device.send_batch(device.frame(1, readings)).await.0, 204);
     // 149 before the reset, 0 counted at the reset itself, 149 after; 298 from meter 2.
     let expected = 149 + 149 + 298;
+    // The bridge flagged the reset as it stored it; the flag can be read back.
+    let (_, m1_series) = api
+        .get(&format!(
+            "/api/v1/series?device={}&meter=modbus-1&channel=energy_import",
+            device.id
+        ))
+        .await
+        .unwrap();
+    let (status, flags) = api
+        .get(&format!("/api/v1/series/{}/flags", m1_series[0]["id"]))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{flags}");
+    assert_eq!(flags.as_array().unwrap().len(), 1, "{flags}");
+    assert_eq!(flags[0]["kind"], "reset");
+    assert_eq!(
+        (
+            flags[0]["from_value"].as_f64(),
+            flags[0]["to_value"].as_f64()
+        ),
+        (Some(50_149.0), Some(0.0))
+    );
+    assert_eq!(flags[0]["to_ts"], t0 + 300_000);
+    let (_, none) = api
+        .get(&format!(
+            "/api/v1/series/{}/flags?to={}",
+            m1_series[0]["id"],
+            t0 + 298_000
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        none,
+        json!([]),
+        "a period that ends before the step has none"
+    );
 
     let (status, report) = api
         .post(
@@ -459,7 +495,11 @@ pub(crate) async fn energy_reports_handle_resets_replacements_and_freeze(hub: &T
         .unwrap();
     assert_eq!(status, 201, "{report}");
     let content = &report["content"];
-    assert_eq!(content["energy_wh"], expected, "{content}");
+    assert_eq!(
+        content["energy_wh"].as_f64(),
+        Some(f64::from(expected)),
+        "{content}"
+    );
     let meters = content["meters"].as_array().unwrap();
     assert_eq!(meters.len(), 2);
     let m1 = meters.iter().find(|m| m["meter"] == "modbus-1").unwrap();
@@ -484,7 +524,10 @@ pub(crate) async fn energy_reports_handle_resets_replacements_and_freeze(hub: &T
         )
         .await
         .unwrap();
-    assert_eq!(since["content"]["energy_wh"], expected);
+    assert_eq!(
+        since["content"]["energy_wh"].as_f64(),
+        Some(f64::from(expected))
+    );
     assert_eq!(since["content"]["from"], month_start + 86_400_000);
 
     // Freeze the month report; later data (a late batch for the same month) does not change it.
@@ -500,7 +543,10 @@ pub(crate) async fn energy_reports_handle_resets_replacements_and_freeze(hub: &T
     let late = vec![register("modbus-2", t0 + 1_200_000, 7_500)];
     assert_eq!(device.send_batch(device.frame(2, late)).await.0, 204);
     let (_, again) = api.get(&format!("/api/v1/reports/{id}")).await.unwrap();
-    assert_eq!(again["content"]["energy_wh"], expected);
+    assert_eq!(
+        again["content"]["energy_wh"].as_f64(),
+        Some(f64::from(expected))
+    );
     assert_eq!(again["sha256"], hash.as_str());
     assert_eq!(again["verified"], true);
     let (status, body) = api
@@ -516,7 +562,10 @@ pub(crate) async fn energy_reports_handle_resets_replacements_and_freeze(hub: &T
         )
         .await
         .unwrap();
-    assert_eq!(fresh["content"]["energy_wh"], expected + (7_500 - 7_298));
+    assert_eq!(
+        fresh["content"]["energy_wh"].as_f64(),
+        Some(f64::from(expected + (7_500 - 7_298)))
+    );
 
     let response = api
         .client
@@ -642,7 +691,8 @@ pub(crate) async fn seed_meter_notifications_are_stored_once(hub: &TestHub) {
         .unwrap();
     assert_eq!(status, 201, "{report}");
     assert_eq!(
-        report["content"]["energy_wh"], 10,
+        report["content"]["energy_wh"].as_f64(),
+        Some(10.0),
         "five 2-Wh events, each counted once"
     );
     let (_, report) = api
@@ -652,7 +702,20 @@ pub(crate) async fn seed_meter_notifications_are_stored_once(hub: &TestHub) {
         )
         .await
         .unwrap();
-    assert_eq!(report["content"]["energy_wh"], 10);
+    assert_eq!(report["content"]["energy_wh"].as_f64(), Some(10.0));
+    // A register stored in hundredths (500.5 Wh, then 501.25) is reported in Wh.
+    let (_, report) = api
+        .post(
+            "/api/v1/reports",
+            json!({"scope": "meter", "subject": "seedbox01/modbus-222", "month": "2026-10"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        report["content"]["energy_wh"].as_f64(),
+        Some(0.75),
+        "{report}"
+    );
 
     let response = post("modbusnotification", json!({"measurements": []}))
         .await
@@ -671,6 +734,36 @@ pub(crate) async fn seed_meter_notifications_are_stored_once(hub: &TestHub) {
         .await
         .unwrap();
     assert_eq!(series[0]["points"], 2, "refused requests stored nothing");
+
+    // In a fleet that waits for an operator, a new box's readings are refused (the seed's
+    // reader keeps them and sends them again) until it is accepted.
+    api.create_fleet("manual", false, 60).await.unwrap();
+    let (_, fleet) = api
+        .patch("/api/v1/fleets/manual", json!({"seed_protocol": true}))
+        .await
+        .unwrap();
+    let base = format!("{}{}", hub.url, fleet["seed_base_path"].as_str().unwrap());
+    let readings = json!({"deviceId": "seedbox02", "measurements": [
+        {"serialNumber": "333", "energy": 10, "time": "2026-10-05T10:00:00.000Z"}]});
+    let send = || {
+        http.post(format!("{base}/modbusnotification"))
+            .json(&readings)
+            .send()
+    };
+    let response = send().await.unwrap();
+    assert_eq!(response.status(), 403);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"], "device_pending", "{body}");
+    let (_, series) = api.get("/api/v1/series?device=seedbox02").await.unwrap();
+    assert_eq!(series, json!([]), "nothing stored before acceptance");
+    let (status, _) = api
+        .post("/api/v1/devices/seedbox02/accept", json!({}))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(send().await.unwrap().status(), 200);
+    let (_, series) = api.get("/api/v1/series?device=seedbox02").await.unwrap();
+    assert_eq!(series[0]["points"], 1, "{series}");
 }
 
 pub(crate) async fn telemetry_status_from_checkins_is_shown(hub: &TestHub) {
