@@ -24,9 +24,11 @@ pub const DEFAULT_INGEST_GROUP_MAX: usize = 512;
 pub const DEFAULT_INGEST_FOLD_DELAY_MS: u64 = 1000;
 /// Most landed batches folded in one transaction.
 pub const DEFAULT_INGEST_FOLD_BATCHES: usize = 4096;
+/// The data directory when neither the config file nor `--data-dir` names one.
+pub const DEFAULT_DATA_DIR: &str = "./drover-data";
 /// Days raw points are kept (then only rollups remain).
 pub const DEFAULT_RETENTION_RAW_DAYS: u32 = 400;
-/// Days 1-minute rollups are kept; hourly and daily rollups are kept for good.
+/// Days 1-minute rollups are kept; hourly and daily rollups are kept for good by default.
 pub const DEFAULT_RETENTION_1M_DAYS: u32 = 1830;
 
 /// A secret string (a database URL with a password, say) whose `Debug` prints `***`.
@@ -47,7 +49,9 @@ pub struct HubConfig {
     /// Address to listen on (`127.0.0.1:0` picks a free port).
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
-    /// The data directory: SQLite database, artifacts, TLS material, the admin token file.
+    /// The data directory: SQLite database, artifacts, TLS material, the admin token file
+    /// (default [`DEFAULT_DATA_DIR`]; `drover hub --data-dir` sets it too).
+    #[serde(default = "default_data_dir")]
     pub data_dir: PathBuf,
     /// `postgres://...` to use PostgreSQL; unset means SQLite in the data directory.
     #[serde(default)]
@@ -149,6 +153,9 @@ fn default_ingest_fold_delay() -> u64 {
 }
 fn default_ingest_fold_batches() -> usize {
     DEFAULT_INGEST_FOLD_BATCHES
+}
+fn default_data_dir() -> PathBuf {
+    PathBuf::from(DEFAULT_DATA_DIR)
 }
 fn default_retention_raw() -> u32 {
     DEFAULT_RETENTION_RAW_DAYS
@@ -356,6 +363,8 @@ mod tests {
         }
         let kept = "data_dir = '/x'\nretention_1h_days = 3650\nretention_1d_days = 3650";
         let config = HubConfig::parse(kept, Path::new("h.toml")).unwrap();
+        let bare = HubConfig::parse("ingest_fold_delay_ms = 5", Path::new("h.toml")).unwrap();
+        assert_eq!(bare.data_dir, Path::new(DEFAULT_DATA_DIR));
         assert_eq!(
             (config.retention_1h_days, config.retention_1d_days),
             (3650, 3650)

@@ -725,7 +725,7 @@ mod cases {
             seq: Some(seq),
             series,
             bytes: 100,
-            spool_dropped: 0,
+            frame: None,
         }
     }
 

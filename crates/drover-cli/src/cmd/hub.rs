@@ -14,7 +14,7 @@ use drover_hub::config::{Secret, TlsConfig};
 use tokio_util::sync::CancellationToken;
 
 /// The data directory when neither a config file nor a flag names one.
-pub const DEFAULT_DATA_DIR: &str = "./drover-data";
+pub use drover_hub::config::DEFAULT_DATA_DIR;
 
 /// `drover hub`.
 #[derive(Debug, Args)]

@@ -454,7 +454,7 @@ async fn store_seed_points(
         seq: None,
         series,
         bytes: bytes as u64,
-        spool_dropped: 0,
+        frame: None,
     };
     match hub.ingest.submit(job).await {
         Ok(_) => Ok(axum::Json(serde_json::json!({ "status": "ok" }))),

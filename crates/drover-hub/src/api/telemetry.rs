@@ -155,13 +155,14 @@ async fn ingest_frame(
             ),
         )));
     }
+    let plain = frame.first() == Some(&batch::FORMAT_VERSION);
     let job = IngestJob {
         org_id: device.org_id,
         device: device.id.clone(),
         seq: Some(seq),
         series: group_by_series(decoded.readings),
         bytes: frame.len() as u64,
-        spool_dropped: 0,
+        frame: plain.then(|| frame.to_vec()),
     };
     match hub.ingest.submit(job).await {
         Ok(outcome) => Ok((seq, outcome)),

@@ -191,7 +191,7 @@ impl Store {
                         seq: seq.and_then(|s| u64::try_from(s).ok()),
                         series: group_by_series(decoded.readings),
                         bytes: 0,
-                        spool_dropped: 0,
+                        frame: None,
                     });
                 }
                 Err(e) => {

@@ -4,12 +4,16 @@
 //! Each batch's sequence number is *claimed*: the batches are walked in order in memory against
 //! each device's last number (a number not above it is a duplicate and changes nothing), and
 //! each device's claim is written as a compare-and-set: its row moves from the last number the
-//! [`Lander`] knows to the group's highest, with the device's data-use bytes and spool drops,
+//! [`Lander`] knows to the group's highest, adding the batches' bytes to the device's data use,
 //! only if it still holds the known number. Each claimed batch is written as one row of
-//! `landed_batches`, its readings as a plain batch frame (split into several where the seed's
-//! JSON formats carry more than a frame holds), and only if its device's claim held, so a
-//! device's claim and its rows are kept or lost together. A device whose claim did not hold
-//! (another hub replica claimed in between) is read again and its batches walked again.
+//! `landed_batches` and only if its device's claim held, so a device's claim and its rows are
+//! kept or lost together. A device whose claim did not hold (another writer claimed in between)
+//! is read again and its batches walked again.
+//!
+//! A row holds the batch as a plain batch frame: the frame it came as when it came as one (no
+//! encoding at all), else its readings encoded with the quick column coder (the row lives only
+//! until it is folded), split into several where the seed's JSON formats carry more than a
+//! frame holds.
 //!
 //! The lander remembers the numbers it claimed, so a device it has seen costs no read. On
 //! PostgreSQL a whole group (claims and rows) is then one statement, a single round trip and
@@ -36,9 +40,9 @@ const CLAIM_ROUNDS: usize = 4;
 /// Bound parameters per landing statement, below both engines' limits (32766 for SQLite,
 /// 65535 for PostgreSQL).
 const PARAMETERS_PER_STATEMENT: usize = 30_000;
-/// Columns of a claim (organization, device, known last number, new last number, bytes, spool
-/// drops) and of a landed row (order, organization, device, number, time, body).
-const CLAIM_COLUMNS: usize = 6;
+/// Columns of a claim (organization, device, known last number, new last number, bytes) and of
+/// a landed row (order, organization, device, number, time, body).
+const CLAIM_COLUMNS: usize = 5;
 const ROW_COLUMNS: usize = 6;
 
 type DeviceKey = (i64, String);
@@ -143,8 +147,9 @@ impl Store {
     }
 }
 
-/// The landing side of the ingest writer: lands groups of batches, remembering each device's
-/// last claimed sequence number between them.
+/// The landing side of the ingest writer: lands groups of batches, one after another,
+/// remembering each device's last claimed sequence number between them. (Landing several
+/// groups at once on PostgreSQL was measured slower: more, smaller statements.)
 #[derive(Debug)]
 pub struct Lander {
     store: Store,
@@ -162,8 +167,6 @@ struct Claim {
     last: i64,
     /// Data-use bytes of its batches in the group.
     bytes: i64,
-    /// The device spool's drop count, as of its newest batch in the group.
-    dropped: i64,
 }
 
 /// One row to land.
@@ -232,13 +235,11 @@ impl Lander {
                 }
                 *current = seq;
                 let bytes = i64::try_from(job.bytes).unwrap_or(i64::MAX);
-                let dropped = i64::try_from(job.spool_dropped).unwrap_or(i64::MAX);
                 match claim_of.get(&key) {
                     Some(&c) => {
                         let claim = &mut claims[c];
                         claim.last = seq;
                         claim.bytes = claim.bytes.saturating_add(bytes);
-                        claim.dropped = claim.dropped.max(dropped);
                     }
                     None => {
                         claim_of.insert(key.clone(), claims.len());
@@ -247,7 +248,6 @@ impl Lander {
                             known,
                             last: seq,
                             bytes,
-                            dropped,
                         });
                     }
                 }
@@ -297,24 +297,20 @@ impl Lander {
         if self.last.len() > REMEMBERED_DEVICES {
             self.last.clear();
         }
-        let mut unknown: Vec<DeviceKey> = Vec::new();
         let mut seen = HashSet::new();
-        for &i in pending {
-            let job = &jobs[i];
-            if job.seq.is_none() {
-                continue;
-            }
-            let key = (job.org_id, job.device.as_str().to_owned());
-            if !self.last.contains_key(&key) && seen.insert(key.clone()) {
-                unknown.push(key);
-            }
-        }
+        let unknown: Vec<DeviceKey> = pending
+            .iter()
+            .map(|&i| &jobs[i])
+            .filter(|job| job.seq.is_some())
+            .map(|job| (job.org_id, job.device.as_str().to_owned()))
+            .filter(|key| !self.last.contains_key(key) && seen.insert(key.clone()))
+            .collect();
         if unknown.is_empty() {
             return Ok(());
         }
         let refs: Vec<&DeviceKey> = unknown.iter().collect();
-        for (key, last) in self.store.last_batch_seqs(&refs).await? {
-            self.last.insert(key, last);
+        for (key, seq) in self.store.last_batch_seqs(&refs).await? {
+            self.last.insert(key, seq);
         }
         Ok(())
     }
@@ -374,10 +370,14 @@ fn statement_parts<'a>(
     }
     parts
 }
-/// A batch's landed rows: its readings as plain batch frames, split where they are past a
-/// frame's limits (only the seed's JSON formats, which may carry more readings or meters than a
-/// frame, ever are).
+/// A batch's landed rows: the plain frame it came as, or its readings encoded as plain batch
+/// frames (quickly: the rows are kept only until folded), split where they are past a frame's
+/// limits (only the seed's JSON formats, which may carry more readings or meters than a frame,
+/// ever are).
 fn landing_bodies(job: &IngestJob) -> StoreResult<Vec<Vec<u8>>> {
+    if let Some(frame) = &job.frame {
+        return Ok(vec![frame.clone()]);
+    }
     let mut parts: Vec<Vec<Reading>> = Vec::new();
     let mut current: Vec<Reading> = Vec::new();
     let (mut series, mut meters) = (0, BTreeSet::new());
@@ -403,7 +403,7 @@ fn landing_bodies(job: &IngestJob) -> StoreResult<Vec<Vec<u8>>> {
     parts
         .into_iter()
         .map(|readings| {
-            batch::encode(&Batch {
+            batch::encode_quick(&Batch {
                 device: job.device.clone(),
                 seq: job.seq.unwrap_or(0),
                 readings,
@@ -536,10 +536,8 @@ async fn claim_and_land_pg(
     Ok(held)
 }
 
-/// The claim's update, over `v` (organization, device, known, last, bytes, drops).
-const CLAIM_SET: &str = "last_batch_seq = v.column4,
-    telemetry_bytes = telemetry_bytes + v.column5,
-    spool_dropped = CASE WHEN spool_dropped > v.column6 THEN spool_dropped ELSE v.column6 END";
+/// The claim's update, over `v` (organization, device, known, last, bytes).
+const CLAIM_SET: &str = "last_batch_seq = v.column4, telemetry_bytes = telemetry_bytes + v.column5";
 /// The claim's compare-and-set condition.
 const CLAIM_WHERE: &str = "devices.org_id = v.column1 AND devices.id = v.column2
     AND devices.last_batch_seq = v.column3";
@@ -551,7 +549,6 @@ fn bind_claim<'q>(query: AnyQuery<'q>, claim: &'q Claim) -> AnyQuery<'q> {
         .bind(claim.known)
         .bind(claim.last)
         .bind(claim.bytes)
-        .bind(claim.dropped)
 }
 
 #[cfg(test)]
@@ -564,7 +561,6 @@ mod tests {
             known: 0,
             last: 1,
             bytes: 0,
-            dropped: 0,
         }
     }
 

@@ -44,8 +44,10 @@ pub struct IngestJob {
     pub series: Vec<SeriesPoints>,
     /// Its size on the wire, for the device's data-use account.
     pub bytes: u64,
-    /// The device spool's count of readings it had to drop, as of this batch.
-    pub spool_dropped: u64,
+    /// The plain batch frame it came as, when it came as one (`POST /device/v1/batches`): it
+    /// lands as it is, instead of being encoded again. `None` for stream frames and the seed's
+    /// JSON, which land as frames encoded from `series`.
+    pub frame: Option<Vec<u8>>,
 }
 
 /// The writer's answer to a submitted batch, once it is durable.

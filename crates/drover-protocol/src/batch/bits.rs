@@ -11,9 +11,23 @@ use super::BatchError;
 /// outlier (a load step in a power series) costs tens of bits instead of thousands.
 pub(crate) const RICE_ESCAPE: u64 = 8;
 
+/// How hard column coders try to make their bits few.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) enum Effort {
+    /// Every predictor with every coder, keeping the shortest (what devices send and the hub
+    /// keeps at rest).
+    #[default]
+    Smallest,
+    /// One fixed predictor and coder (delta, bit-packed): several times faster, a few bits a
+    /// value larger; for bytes that are kept briefly.
+    Quick,
+}
+
 /// Writes fields into a growing bit string.
 #[derive(Default)]
 pub(crate) struct BitWriter {
+    /// How the column coders writing here choose their encoding.
+    pub(crate) effort: Effort,
     bytes: Vec<u8>,
     /// Bits not yet flushed into `bytes`, right-aligned.
     acc: u64,

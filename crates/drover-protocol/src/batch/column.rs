@@ -8,7 +8,7 @@
 //! exactly.
 
 use super::BatchError;
-use super::bits::{BitReader, BitWriter, cost, unzigzag, zigzag};
+use super::bits::{BitReader, BitWriter, Effort, cost, unzigzag, zigzag};
 
 /// How values are predicted; the wire code is the discriminant (2 bits).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,14 +60,20 @@ pub(crate) fn write(w: &mut BitWriter, values: &[i64], origin: i64) {
     if values.is_empty() {
         return;
     }
-    let mut best: Option<Plan> = None;
-    for predictor in PREDICTORS {
-        let plan = plan(predictor, values, origin);
-        if best.as_ref().is_none_or(|b| plan.bits < b.bits) {
-            best = Some(plan);
+    let plan = match w.effort {
+        Effort::Smallest => {
+            let mut best: Option<Plan> = None;
+            for predictor in PREDICTORS {
+                let plan = plan(predictor, values, origin);
+                if best.as_ref().is_none_or(|b| plan.bits < b.bits) {
+                    best = Some(plan);
+                }
+            }
+            let Some(plan) = best else { return };
+            plan
         }
-    }
-    let Some(plan) = best else { return };
+        Effort::Quick => quick_plan(values, origin),
+    };
     let start = w.bit_len();
     w.note(|| format!("predictor {:?}", plan.predictor));
     w.bits(2, plan.predictor as u64);
@@ -266,6 +272,36 @@ fn plan(predictor: Predictor, values: &[i64], origin: i64) -> Plan {
         base,
         param,
         bits: bits + residual_bits,
+    }
+}
+
+/// The delta predictor with the bit-packing coder, without trying the others (`values` is
+/// not empty).
+fn quick_plan(values: &[i64], origin: i64) -> Plan {
+    let first = values[0];
+    let residuals = deltas(values);
+    let mut bits = 2 + cost::sv(first.wrapping_sub(origin));
+    let (base, param) = match residuals.iter().copied().min() {
+        Some(min) => {
+            let widest = residuals
+                .iter()
+                .map(|&r| r.wrapping_sub(min) as u64)
+                .max()
+                .unwrap_or(0);
+            let width = bit_length(widest);
+            bits += 2 + cost::sv(min) + 7 + u64::from(width) * residuals.len() as u64;
+            (min, width)
+        }
+        None => (0, 0),
+    };
+    Plan {
+        predictor: Predictor::Delta,
+        leading: vec![first],
+        residuals,
+        coder: Coder::Packed,
+        base,
+        param,
+        bits,
     }
 }
 

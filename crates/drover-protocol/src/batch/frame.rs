@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use super::bits::{BitReader, BitWriter};
+use super::bits::{BitReader, BitWriter, Effort};
 use super::{
     Batch, BatchError, FORMAT_VERSION, MAX_BATCH_BYTES, MAX_METERS, MAX_READINGS, MAX_SERIES,
     STREAM_FORMAT_VERSION, canonical_order, clock_code, column,
@@ -190,8 +190,8 @@ impl KnownMeter {
     }
 }
 
-pub(super) fn encode(batch: &Batch) -> Result<Vec<u8>, BatchError> {
-    let (body, _) = encode_body(batch, None)?;
+pub(super) fn encode(batch: &Batch, effort: Effort) -> Result<Vec<u8>, BatchError> {
+    let (body, _) = encode_body_with(batch, None, effort)?;
     seal(FORMAT_VERSION, body)
 }
 
@@ -212,6 +212,15 @@ fn seal(version: u8, body: BitWriter) -> Result<Vec<u8>, BatchError> {
 pub(super) fn encode_body(
     batch: &Batch,
     context: Option<&StreamContext>,
+) -> Result<(BitWriter, Vec<(MeterId, Shape)>), BatchError> {
+    encode_body_with(batch, context, Effort::Smallest)
+}
+
+/// [`encode_body`], its columns coded with the given effort.
+fn encode_body_with(
+    batch: &Batch,
+    context: Option<&StreamContext>,
+    effort: Effort,
 ) -> Result<(BitWriter, Vec<(MeterId, Shape)>), BatchError> {
     if batch.readings.len() > MAX_READINGS {
         return Err(too_large("readings", MAX_READINGS));
@@ -239,6 +248,7 @@ pub(super) fn encode_body(
         .unwrap_or(0);
 
     let mut w = BitWriter::default();
+    w.effort = effort;
     if let Some(context) = context {
         if batch.seq == context.last_seq.wrapping_add(1) {
             w.note(|| format!("seq {}: the next one", batch.seq));

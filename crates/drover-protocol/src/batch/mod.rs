@@ -127,7 +127,15 @@ pub fn canonical_order(a: &Reading, b: &Reading) -> Ordering {
 /// Fails only with [`BatchError::TooLarge`] when the batch is past one of the limits
 /// ([`MAX_READINGS`], [`MAX_METERS`], [`MAX_SERIES`]).
 pub fn encode(batch: &Batch) -> Result<Vec<u8>, BatchError> {
-    frame::encode(batch)
+    frame::encode(batch, bits::Effort::Smallest)
+}
+
+/// Encodes a batch into one frame like [`encode`], but codes every column with one fixed
+/// predictor and coder instead of searching for the smallest: several times faster, somewhat
+/// larger, decoded by [`decode`] like any frame. For frames kept briefly, where the encoder's
+/// time counts more than the bytes (the hub's landing table).
+pub fn encode_quick(batch: &Batch) -> Result<Vec<u8>, BatchError> {
+    frame::encode(batch, bits::Effort::Quick)
 }
 
 /// Decodes one frame: checks the checksum first, then the version, then every field against
