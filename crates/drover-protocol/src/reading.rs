@@ -7,6 +7,8 @@
 //! (energy, pulses) is sent as the register's value, not as a difference, so that a lost batch
 //! loses resolution, never energy.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 /// What a reading measures. The code (`as u8`) is what travels in a batch.
@@ -175,10 +177,11 @@ impl ClockState {
 
 /// A meter's identity within a device: its own serial number where it has one
 /// (`modbus-12345678`), else a name from the agent's config (`s0-heatpump`, `sim-1`). 1 to 64
-/// characters of letters, digits, `-`, `_`, `.` and `:`.
+/// characters of letters, digits, `-`, `_`, `.` and `:`. Shared, not copied: every reading of a
+/// meter holds the same text, so a clone costs no allocation.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
-pub struct MeterId(String);
+pub struct MeterId(Arc<str>);
 
 /// Why a string is not a meter ID.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -194,7 +197,7 @@ impl MeterId {
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'));
         if ok {
-            Ok(MeterId(text.to_string()))
+            Ok(MeterId(Arc::from(text)))
         } else {
             Err(BadMeterId(text.chars().take(80).collect()))
         }
@@ -215,7 +218,7 @@ impl TryFrom<String> for MeterId {
 
 impl From<MeterId> for String {
     fn from(value: MeterId) -> String {
-        value.0
+        value.0.to_string()
     }
 }
 
