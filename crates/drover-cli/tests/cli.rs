@@ -507,5 +507,46 @@ async fn series_queries_and_reports_from_the_command_line() {
     assert_eq!(since["content"]["energy_wh"].as_f64(), Some(897.0));
     let list = cli.ok(&["report", "list"]).await;
     assert!(list.contains("site") && list.contains("customer"), "{list}");
+    // Site history: the box leaves the house from November; a change before that is refused.
+    let id = device.id.as_str();
+    cli.ok(&[
+        "device",
+        "set",
+        id,
+        "--site",
+        "",
+        "--site-since",
+        "2026-11-01",
+    ])
+    .await;
+    let err = cli
+        .fails(&[
+            "device",
+            "set",
+            id,
+            "--site",
+            "house",
+            "--site-since",
+            "2026-10-15",
+        ])
+        .await;
+    assert!(err.contains("cannot start before"), "{err}");
+    let err = cli
+        .fails(&["device", "set", id, "--site-since", "2026-10-15"])
+        .await;
+    assert!(err.contains("--site"), "{err}");
+    let october = cli
+        .json(&[
+            "report",
+            "create",
+            "--scope",
+            "site",
+            "--subject",
+            "house",
+            "--month",
+            "2026-10",
+        ])
+        .await;
+    assert_eq!(october["content"]["energy_wh"].as_f64(), Some(897.0));
     hub.stop().await.unwrap();
 }

@@ -7,7 +7,7 @@
 use drover_hub::store::SeriesFilter;
 use drover_hub::store::{
     DeviceFilter, FleetPatch, Lander, NewDevice, NewFleet, NewRelease, Presence, Reported,
-    SeedCheckin, SitePatch, Store, StoreError,
+    SeedCheckin, SiteChange, SitePatch, SiteSpan, Store, StoreError,
 };
 use drover_hub::telemetry::energy::Anomaly;
 use drover_hub::telemetry::fold::{FoldOutcome, IngestJob, IngestOutcome, Point, SeriesPoints};
@@ -663,11 +663,12 @@ mod cases {
             .create_site(b, "kristinas-house", "", "", None)
             .await
             .unwrap();
-        assert!(
+        assert_eq!(
             store
-                .set_device_site(a, &d.id, Some(site.id))
+                .set_device_site(a, &d.id, Some(site.id), Some(1_000))
                 .await
-                .unwrap()
+                .unwrap(),
+            SiteChange::Done
         );
         assert_eq!(
             store.device_site(a, &d.id).await.unwrap(),
@@ -690,7 +691,50 @@ mod cases {
             Some(b)
         );
         assert_eq!(store.site_by_id(b, site.id).await.unwrap(), None);
-        assert!(!store.set_device_site(b, &d.id, None).await.unwrap());
+        assert_eq!(
+            store
+                .set_device_site(b, &d.id, None, Some(2_000))
+                .await
+                .unwrap(),
+            SiteChange::NoDevice,
+            "another organization's device"
+        );
+        // The site history: off the site at 5 000, back at 9 000; a change before the last
+        // one is refused, one at the same instant replaces it.
+        let span = |from, to| SiteSpan {
+            device: d.id.to_string(),
+            from,
+            to,
+        };
+        assert_eq!(
+            store.site_spans(a, site.id).await.unwrap(),
+            vec![span(1_000, i64::MAX)]
+        );
+        let change = async |site_id, since| {
+            store
+                .set_device_site(a, &d.id, site_id, Some(since))
+                .await
+                .unwrap()
+        };
+        assert_eq!(change(None, 5_000).await, SiteChange::Done);
+        assert_eq!(change(Some(site.id), 9_000).await, SiteChange::Done);
+        assert_eq!(change(None, 8_000).await, SiteChange::BeforeLast(9_000));
+        assert_eq!(
+            store.site_spans(a, site.id).await.unwrap(),
+            vec![span(1_000, 5_000), span(9_000, i64::MAX)]
+        );
+        let other = store.create_site(a, "shop", "", "", None).await.unwrap();
+        assert_eq!(change(Some(other.id), 9_000).await, SiteChange::Done);
+        assert_eq!(
+            store.site_spans(a, site.id).await.unwrap(),
+            vec![span(1_000, 5_000)]
+        );
+        assert_eq!(
+            store.device(a, &d.id).await.unwrap().unwrap().site_id,
+            Some(other.id)
+        );
+        assert_eq!(change(Some(site.id), 9_500).await, SiteChange::Done);
+        assert!(store.site_spans(b, site.id).await.unwrap().is_empty());
         let patched = store
             .update_site(
                 a,

@@ -183,7 +183,7 @@ pub enum ExportFormat {
 }
 
 /// A time argument: a date, RFC 3339, or Unix ms, as the hub's API takes it.
-fn time_arg(text: &str) -> anyhow::Result<String> {
+pub fn time_arg(text: &str) -> anyhow::Result<String> {
     if text.len() == 10 && text.as_bytes()[4] == b'-' {
         return Ok(parse_date(text)?.to_string());
     }

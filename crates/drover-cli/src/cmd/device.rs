@@ -60,6 +60,11 @@ pub enum DeviceCommand {
         /// Assign the device to this site ("" takes it off its site).
         #[arg(long)]
         site: Option<String>,
+        /// From when the site change holds: YYYY-MM-DD, RFC 3339 or Unix ms (default: from
+        /// the device's first reading for its first site, else now). Reports count the device
+        /// for each site only while it was there.
+        #[arg(long, requires = "site")]
+        site_since: Option<String>,
     },
 }
 
@@ -181,6 +186,7 @@ pub async fn run(ctx: &Ctx, command: DeviceCommand) -> anyhow::Result<ExitCode> 
             pin,
             unpin,
             site,
+            site_since,
         } => {
             let config = match config_file {
                 Some(path) => Some(super::fleet::read_json_object(&path)?),
@@ -190,7 +196,12 @@ pub async fn run(ctx: &Ctx, command: DeviceCommand) -> anyhow::Result<ExitCode> 
             let device: Value = client
                 .patch(
                     &format!("/api/v1/devices/{id}"),
-                    &json!({ "config": config, "pin": pin, "site": site }),
+                    &json!({
+                        "config": config,
+                        "pin": pin,
+                        "site": site,
+                        "site_since": site_since.as_deref().map(super::data::time_arg).transpose()?,
+                    }),
                 )
                 .await?;
             done(ctx, &device, &format!("Updated {id}."))?;

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use super::fleets::{check_config, check_release_fits, is_online};
 use crate::error::{ApiError, ApiJson, ApiQuery};
 use crate::state::{HubState, Operator};
-use crate::store::{AttemptRecord, Device, DeviceFilter, DeviceType, Fleet, now_ms};
+use crate::store::{AttemptRecord, Device, DeviceFilter, DeviceType, Fleet, SiteChange, now_ms};
 
 /// A device as the API shows it.
 #[derive(Debug, Serialize)]
@@ -87,6 +87,10 @@ pub struct UpdateDevice {
     /// Assign the device to a site (by name); `""` takes it off its site.
     #[serde(default)]
     pub site: Option<String>,
+    /// From when the site change holds: Unix ms or RFC 3339 (default now). An installer's box
+    /// assigned a few days after it was mounted counts for its site from the day it was.
+    #[serde(default)]
+    pub site_since: Option<String>,
 }
 
 /// Fleets and their targets, loaded once per request.
@@ -294,14 +298,14 @@ pub async fn update(
 ) -> Result<axum::Json<DeviceView>, ApiError> {
     let id = parse_id(&id)?;
     let device = device_of(&hub, &op, &id).await?;
+    // Everything is checked before anything changes.
     if let Some(config) = &body.config {
         check_config(config)?;
-        hub.store.set_device_config(op.org_id, &id, config).await?;
     }
-    if let Some(pin) = &body.pin {
-        let release_id = if pin.is_empty() {
-            None
-        } else {
+    let pin = match body.pin.as_deref() {
+        None => None,
+        Some("") => Some(None),
+        Some(pin) => {
             let release = hub
                 .store
                 .release_by_version(op.org_id, device.fleet_id, pin)
@@ -310,17 +314,58 @@ pub async fn update(
                     ApiError::not_found(format!("release {pin:?} in the device's fleet"))
                 })?;
             check_release_fits(&release, &device.device_type)?;
-            Some(release.id)
-        };
-        hub.store.set_device_pin(op.org_id, &id, release_id).await?;
+            Some(Some(release.id))
+        }
+    };
+    let since = body
+        .site_since
+        .as_deref()
+        .map(super::series::parse_time)
+        .transpose()?;
+    let site = match (&body.site, since) {
+        (Some(site), since) => {
+            let site_id = if site.is_empty() {
+                None
+            } else {
+                Some(super::sites::site_named(&hub, &op, site).await?.id)
+            };
+            if since.is_some_and(|since| since > now_ms()) {
+                return Err(ApiError::bad_request(
+                    "invalid_site_since",
+                    "site_since lies in the future; assign the site when the box is there",
+                ));
+            }
+            Some((site_id, since))
+        }
+        (None, Some(_)) => {
+            return Err(ApiError::bad_request(
+                "invalid_site_since",
+                "site_since goes with site",
+            ));
+        }
+        (None, None) => None,
+    };
+    // The site first: it is the one change that can still be refused.
+    if let Some((site_id, since)) = site {
+        match hub
+            .store
+            .set_device_site(op.org_id, &id, site_id, since)
+            .await?
+        {
+            SiteChange::Done => {}
+            SiteChange::NoDevice => return Err(ApiError::not_found(format!("device {id}"))),
+            SiteChange::BeforeLast(last) => {
+                return Err(ApiError::conflict(format!(
+                    "device {id}'s site last changed at {last} (Unix ms); a change cannot start before that"
+                )));
+            }
+        }
     }
-    if let Some(site) = &body.site {
-        let site_id = if site.is_empty() {
-            None
-        } else {
-            Some(super::sites::site_named(&hub, &op, site).await?.id)
-        };
-        hub.store.set_device_site(op.org_id, &id, site_id).await?;
+    if let Some(config) = &body.config {
+        hub.store.set_device_config(op.org_id, &id, config).await?;
+    }
+    if let Some(release_id) = pin {
+        hub.store.set_device_pin(op.org_id, &id, release_id).await?;
     }
     hub.devices.invalidate_device(&id);
     show(State(hub), op, Path(id.to_string())).await

@@ -61,7 +61,30 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "batches land durably before they are folded into chunks and rollups",
         template: LANDED_BATCHES,
     },
+    Migration {
+        version: 6,
+        name: "devices keep the history of their sites, for reports",
+        template: SITE_ASSIGNMENTS,
+    },
 ];
+
+/// Every change of a device's site, from when it holds (see `store::sites`). A device's
+/// current site stays in `devices.site_id`; reports read the history, so a box that moved or
+/// was replaced counts for each site while it was there. Devices already at a site are taken
+/// to have been there from the beginning.
+const SITE_ASSIGNMENTS: &str = r#"
+CREATE TABLE site_assignments (
+    id {pk},
+    org_id BIGINT NOT NULL REFERENCES organizations(id),
+    device_id TEXT NOT NULL REFERENCES devices(id),
+    site_id BIGINT REFERENCES sites(id),
+    valid_from BIGINT NOT NULL
+);
+CREATE INDEX site_assignments_device ON site_assignments (org_id, device_id, valid_from);
+CREATE INDEX site_assignments_site ON site_assignments (org_id, site_id);
+INSERT INTO site_assignments (org_id, device_id, site_id, valid_from)
+    SELECT org_id, id, site_id, 0 FROM devices WHERE site_id IS NOT NULL;
+"#;
 
 /// Acknowledged batches not yet folded into chunks and rollups (see `store::ingest`). No
 /// foreign keys: a row is written once per batch on the acknowledgement path, and its

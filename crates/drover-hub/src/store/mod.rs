@@ -42,7 +42,7 @@ pub use landing::Lander;
 pub use orgs::{ApiToken, Org};
 pub use releases::{NewRelease, Release};
 pub use reports::ReportRow;
-pub use sites::{Site, SitePatch};
+pub use sites::{Site, SiteChange, SitePatch, SiteSpan};
 pub use telemetry::{
     CHUNK_WINDOW_MS, Series, SeriesFilter, StoredRow, rescale, rollup_window_ms, unscale,
 };

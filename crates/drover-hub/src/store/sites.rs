@@ -1,6 +1,10 @@
 //! Sites: where devices are installed (a house, a shop, a solar field), with the customer they
 //! belong to and the date energy reporting started. Support staff answer "who has this box?"
 //! from here; energy reports are made per meter, site or customer.
+//!
+//! A device's site changes are kept as a history (`site_assignments`): a box that is replaced
+//! (taken off the site, its successor put on) or moved still counts for each site for the
+//! time it was there, so a report on a past period does not change when boxes change later.
 
 use drover_protocol::ids::DeviceId;
 use serde::Serialize;
@@ -57,6 +61,28 @@ fn site_from_row(row: &AnyRow) -> StoreResult<Site> {
         reporting_start: row.try_get("reporting_start")?,
         created_at: row.try_get("created_at")?,
     })
+}
+
+/// What [`Store::set_device_site`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SiteChange {
+    /// The device is at the new site (or none) from then on.
+    Done,
+    /// No such device in the organization.
+    NoDevice,
+    /// Refused: the device's site last changed at this time (Unix ms), after the one asked.
+    BeforeLast(i64),
+}
+
+/// A stretch of time a device was at a site.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SiteSpan {
+    /// The device.
+    pub device: String,
+    /// From (Unix ms).
+    pub from: i64,
+    /// To, exclusive (`i64::MAX`: still there).
+    pub to: i64,
 }
 
 impl Store {
@@ -159,20 +185,100 @@ impl Store {
         Ok(updated)
     }
 
-    /// Assigns a device to a site, or takes it off its site with `None`.
+    /// Assigns a device to a site (or takes it off its site, with `None`) from `since` (Unix
+    /// ms) on, recording the change in its site history. Without `since`, a device's first
+    /// assignment holds from the beginning (its readings from before it was assigned belong to
+    /// the site it was installed at) and a later one from now. A change may not start before
+    /// the device's last one (history is not rewritten); one at the same instant replaces it.
     pub async fn set_device_site(
         &self,
         org_id: i64,
         device: &DeviceId,
         site_id: Option<i64>,
-    ) -> StoreResult<bool> {
+        since: Option<i64>,
+    ) -> StoreResult<SiteChange> {
+        let mut tx = self.begin_write().await?;
         let done = sqlx::query("UPDATE devices SET site_id = $1 WHERE org_id = $2 AND id = $3")
             .bind(site_id)
             .bind(org_id)
             .bind(device.as_str())
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
-        Ok(done.rows_affected() > 0)
+        if done.rows_affected() == 0 {
+            return Ok(SiteChange::NoDevice);
+        }
+        let latest: Option<i64> = sqlx::query_scalar(
+            "SELECT MAX(valid_from) FROM site_assignments WHERE org_id = $1 AND device_id = $2",
+        )
+        .bind(org_id)
+        .bind(device.as_str())
+        .fetch_one(&mut *tx)
+        .await?;
+        let since = since.unwrap_or(if latest.is_some() { now_ms() } else { 0 });
+        if let Some(latest) = latest.filter(|&latest| since < latest) {
+            return Ok(SiteChange::BeforeLast(latest));
+        }
+        sqlx::query(
+            "DELETE FROM site_assignments WHERE org_id = $1 AND device_id = $2 AND valid_from = $3",
+        )
+        .bind(org_id)
+        .bind(device.as_str())
+        .bind(since)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO site_assignments (org_id, device_id, site_id, valid_from)
+             VALUES ($1, $2, $3, $4)",
+        )
+        .bind(org_id)
+        .bind(device.as_str())
+        .bind(site_id)
+        .bind(since)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(SiteChange::Done)
+    }
+
+    /// When each device was at a site: `(device, from, to)` spans, `to` exclusive (`i64::MAX`
+    /// while it still is), in device and time order.
+    pub async fn site_spans(&self, org_id: i64, site_id: i64) -> StoreResult<Vec<SiteSpan>> {
+        let rows = sqlx::query(
+            "SELECT device_id, site_id, valid_from FROM site_assignments
+             WHERE org_id = $1 AND device_id IN
+                 (SELECT device_id FROM site_assignments WHERE org_id = $1 AND site_id = $2)
+             ORDER BY device_id, valid_from",
+        )
+        .bind(org_id)
+        .bind(site_id)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut history: Vec<(String, Option<i64>, i64)> = Vec::with_capacity(rows.len());
+        for row in &rows {
+            history.push((
+                row.try_get("device_id")?,
+                row.try_get("site_id")?,
+                row.try_get("valid_from")?,
+            ));
+        }
+        let mut spans = Vec::new();
+        for (i, (device, site, from)) in history.iter().enumerate() {
+            if *site != Some(site_id) {
+                continue;
+            }
+            let to = match history.get(i + 1) {
+                Some((next, _, next_from)) if next == device => *next_from,
+                _ => i64::MAX,
+            };
+            if to > *from {
+                spans.push(SiteSpan {
+                    device: device.clone(),
+                    from: *from,
+                    to,
+                });
+            }
+        }
+        Ok(spans)
     }
 
     /// The site a device is assigned to.

@@ -62,7 +62,7 @@ impl Scope {
 pub struct MeterEnergy {
     /// The device.
     pub device: String,
-    /// The site it was at (when the report was made).
+    /// The site it was at for this part of the period (`None` in a meter report).
     pub site: Option<String>,
     /// The meter.
     pub meter: String,
@@ -184,8 +184,8 @@ pub async fn compute(
     to: i64,
     since_start: bool,
 ) -> StoreResult<ReportContent> {
-    // (series, its period, its site's name)
-    let mut parts: Vec<(Series, i64, Option<String>)> = Vec::new();
+    // (series, the part of the period it is reported for, its site's name)
+    let mut parts: Vec<(Series, i64, i64, Option<String>)> = Vec::new();
     match scope {
         Scope::Meter { device, meter } => {
             for channel in ENERGY_CHANNELS {
@@ -196,14 +196,16 @@ pub async fn compute(
                     ..SeriesFilter::default()
                 };
                 for s in store.list_series(org_id, &filter).await? {
-                    parts.push((s, from, None));
+                    parts.push((s, from, to, None));
                 }
             }
         }
-        Scope::Site(site) => add_site(store, org_id, site, from, since_start, &mut parts).await?,
+        Scope::Site(site) => {
+            add_site(store, org_id, site, from, to, since_start, &mut parts).await?;
+        }
         Scope::Customer(_, sites) => {
             for site in sites {
-                add_site(store, org_id, site, from, since_start, &mut parts).await?;
+                add_site(store, org_id, site, from, to, since_start, &mut parts).await?;
             }
         }
     }
@@ -211,8 +213,11 @@ pub async fn compute(
     // Each meter's energy in its register's own unit, and that unit's scale, for the total.
     let mut scaled: Vec<(i64, i64)> = Vec::new();
     let mut first_last: Vec<(String, String, i64, i64)> = Vec::new();
-    for (series, start, site) in parts {
-        let (lo, hi) = (start - EDGE_LOOKAROUND_MS, to + EDGE_LOOKAROUND_MS);
+    for (series, start, end, site) in parts {
+        let (lo, hi) = (
+            start.saturating_sub(EDGE_LOOKAROUND_MS),
+            end.saturating_add(EDGE_LOOKAROUND_MS),
+        );
         let buckets = store
             .buckets(org_id, series.id, Resolution::Minute, lo, hi)
             .await?;
@@ -230,10 +235,10 @@ pub async fn compute(
         }
         let interval = typical_interval(&points);
         let energy = if series.channel == "energy_interval" {
-            interval_energy(&points, start, to, interval.unwrap_or(10_000))
+            interval_energy(&points, start, end, interval.unwrap_or(10_000))
         } else {
             let gap_after = interval.map_or(MIN_GAP_MS, |t| (t * 3 / 2).max(MIN_GAP_MS));
-            register_energy(&points, start, to, gap_after)
+            register_energy(&points, start, end, gap_after)
         };
         scaled.push((energy.energy, series.scale));
         meters.push(MeterEnergy {
@@ -241,12 +246,12 @@ pub async fn compute(
             site,
             meter: series.meter,
             from: start,
-            to,
+            to: end,
             energy_wh: unscale(i128::from(energy.energy), series.scale),
             completeness_pct: energy.completeness_pct,
             minutes_with_data: buckets
                 .iter()
-                .filter(|b| b.start >= start && b.start < to)
+                .filter(|b| b.start >= start && b.start < end)
                 .count(),
             gaps: energy.gaps,
             flags: energy
@@ -267,7 +272,6 @@ pub async fn compute(
             .sum::<f64>()
             / total_time as f64
     };
-    let from = meters.iter().map(|m| m.from).min().unwrap_or(from);
     Ok(ReportContent {
         scope: scope.kind().into(),
         subject: scope.subject(),
@@ -281,27 +285,36 @@ pub async fn compute(
     })
 }
 
+/// A site's parts of a report: each energy series of each device for the time the device was
+/// at the site (from its site history), within the period.
 async fn add_site(
     store: &Store,
     org_id: i64,
     site: &Site,
     from: i64,
+    to: i64,
     since_start: bool,
-    parts: &mut Vec<(Series, i64, Option<String>)>,
+    parts: &mut Vec<(Series, i64, i64, Option<String>)>,
 ) -> StoreResult<()> {
     let start = if since_start {
         site.reporting_start.unwrap_or(from)
     } else {
         from
     };
-    for channel in ENERGY_CHANNELS {
-        let filter = SeriesFilter {
-            site_id: Some(site.id),
-            channel: Some(channel.into()),
-            ..SeriesFilter::default()
-        };
-        for s in store.list_series(org_id, &filter).await? {
-            parts.push((s, start, Some(site.name.clone())));
+    for span in store.site_spans(org_id, site.id).await? {
+        let (part_from, part_to) = (start.max(span.from), to.min(span.to));
+        if part_from >= part_to {
+            continue;
+        }
+        for channel in ENERGY_CHANNELS {
+            let filter = SeriesFilter {
+                device: Some(span.device.clone()),
+                channel: Some(channel.into()),
+                ..SeriesFilter::default()
+            };
+            for s in store.list_series(org_id, &filter).await? {
+                parts.push((s, part_from, part_to, Some(site.name.clone())));
+            }
         }
     }
     Ok(())

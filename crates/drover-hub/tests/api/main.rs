@@ -162,11 +162,13 @@ macro_rules! both_engines {
 mod auth_and_input;
 mod device_protocol;
 mod operators;
+mod reports;
 mod telemetry;
 
 use auth_and_input::*;
 use device_protocol::*;
 use operators::*;
+use reports::*;
 use telemetry::*;
 
 both_engines!(
@@ -186,6 +188,7 @@ both_engines!(
     bad_frames_are_refused_and_nothing_is_stored,
     new_points_stream_live,
     energy_reports_handle_resets_replacements_and_freeze,
+    a_site_report_counts_each_box_for_the_time_it_was_there,
     seed_meter_notifications_are_stored_once,
     telemetry_status_from_checkins_is_shown,
 );
