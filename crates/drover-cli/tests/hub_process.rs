@@ -340,4 +340,9 @@ async fn a_hub_killed_during_ingest_keeps_every_acknowledged_reading_once() {
         "values not unique and rising: {values:?}"
     );
     assert_eq!(values.len() as u64, appended, "stored {values:?}");
+    let (_, shown) = api.get(&format!("/api/v1/devices/{device}")).await.unwrap();
+    assert_eq!(
+        shown["duplicate_points"], 0,
+        "no reading came under two numbers"
+    );
 }

@@ -962,6 +962,19 @@ mod cases {
             device.telemetry_bytes, 300,
             "three batches' bytes, each once"
         );
+        assert_eq!(device.duplicate_points, 0);
+        // Batch 3's readings again under a new number: stored once, and counted, since a
+        // device should never do that. The seed's resends (no numbers) are not counted.
+        let again = job(a, &d, 4, vec![energy("m", &points[60..])]);
+        let seed_again = IngestJob {
+            seq: None,
+            ..job(a, &d, 0, vec![energy("seed", &[(start, 1)])])
+        };
+        one.land(&[again, seed_again]).await.unwrap();
+        while store.fold_landed(None, usize::MAX).await.unwrap().rows > 0 {}
+        let device = store.device(a, &d).await.unwrap().unwrap();
+        assert_eq!(device.duplicate_points, 30);
+        assert_eq!(stored_points(store, a).await.len(), 91);
         // A device that is not there: nothing is stored.
         let stranger = job(a, &DeviceId::parse("nobodyhere").unwrap(), 1, vec![]);
         assert_eq!(

@@ -45,6 +45,10 @@ pub struct DeviceView {
     pub telemetry: Option<drover_protocol::device::TelemetryStatus>,
     /// Telemetry bytes the hub received from it.
     pub telemetry_bytes: i64,
+    /// Readings of its numbered batches that were stored already (same meter, channel and
+    /// time) and so skipped. 0 on a healthy device: a resent batch keeps its number and is
+    /// dropped whole; more means readings came again under a new batch number.
+    pub duplicate_points: i64,
     /// The site it is installed at, and that site's customer.
     pub site: Option<String>,
     /// The customer of its site.
@@ -156,6 +160,7 @@ impl<'a> FleetIndex<'a> {
         Ok(DeviceView {
             telemetry: device.telemetry,
             telemetry_bytes: device.telemetry_bytes,
+            duplicate_points: device.duplicate_points,
             site: site.as_ref().map(|s| s.name.clone()),
             customer: site.map(|s| s.customer),
             id: device.id.to_string(),

@@ -64,6 +64,8 @@ pub struct Device {
     pub telemetry: Option<TelemetryStatus>,
     /// Telemetry bytes the hub received from it.
     pub telemetry_bytes: i64,
+    /// Readings of its numbered batches that the store already held (same series and time).
+    pub duplicate_points: i64,
     /// Readings its spool dropped, as it last reported.
     pub spool_dropped: i64,
 }
@@ -173,7 +175,8 @@ macro_rules! device_columns {
      agent_version, current_release, seed_snapshot, update_phase, update_release, \
      update_failures, update_message, os, arch, hostname, ip, remote_ip, uptime_s, tags, \
      attributes, config, pinned_release_id, retry_generation, retry_requested_at, \
-     last_report_seq, last_seen, created_at, site_id, telemetry, telemetry_bytes, spool_dropped"
+     last_report_seq, last_seen, created_at, site_id, telemetry, telemetry_bytes, spool_dropped, \
+     duplicate_points"
     };
 }
 
@@ -223,6 +226,7 @@ fn device_from_row(row: &AnyRow) -> StoreResult<Device> {
             .try_get::<Option<String>, _>("telemetry")?
             .and_then(|t| serde_json::from_str(&t).ok()),
         telemetry_bytes: row.try_get("telemetry_bytes")?,
+        duplicate_points: row.try_get("duplicate_points")?,
         spool_dropped: row.try_get("spool_dropped")?,
     })
 }

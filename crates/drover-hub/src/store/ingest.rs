@@ -339,6 +339,8 @@ impl Store {
 
         // Walk the batches in order, as if each were stored alone.
         let mut outcomes = Vec::with_capacity(jobs.len());
+        // Per device: readings of numbered batches already stored (see `count_duplicates`).
+        let mut duplicates: BTreeMap<(i64, &str), i64> = BTreeMap::new();
         let mut live = Vec::new();
         let mut flags = Vec::new();
         for (job, mine) in jobs.iter().zip(prepared) {
@@ -389,12 +391,20 @@ impl Store {
                 points: stored,
                 flags: flagged,
             });
+            let sent: usize = job.series.iter().map(|s| s.points.len()).sum();
+            let skipped = (sent as u64).saturating_sub(stored);
+            if job.seq.is_some() && skipped > 0 {
+                *duplicates
+                    .entry((job.org_id, job.device.as_str()))
+                    .or_default() += i64::try_from(skipped).unwrap_or(i64::MAX);
+            }
         }
 
         self.write_chunks(&mut *tx, &works).await?;
         self.write_rollups(&mut *tx, &works).await?;
         insert_flags(self.engine, &mut *tx, &flags, now).await?;
         update_series(self.engine, &mut *tx, &works).await?;
+        count_duplicates(self.engine, &mut *tx, &duplicates).await?;
         Ok((outcomes, live))
     }
 
@@ -770,6 +780,33 @@ fn flag_steps(series: &Series, added: &[Point], flags: &mut Vec<FlagRow>) -> u64
         previous = Some((p.ts, p.value));
     }
     found
+}
+
+/// Adds to each device's count of readings that came in numbered batches and were stored
+/// already. A resent batch keeps its number and is dropped whole when it lands, so such
+/// readings mean a device sent readings again under a new number: harmless to the data (the
+/// first write wins), but a sign of an agent bug that tests and operators should see. (The
+/// seed's JSON formats, which have no numbers, resend by design and are not counted.)
+async fn count_duplicates(
+    engine: Engine,
+    tx: &mut sqlx::AnyConnection,
+    duplicates: &BTreeMap<(i64, &str), i64>,
+) -> StoreResult<()> {
+    let counts: Vec<_> = duplicates.iter().collect();
+    for part in counts.chunks(ROWS_PER_STATEMENT) {
+        let sql = format!(
+            "UPDATE devices SET duplicate_points = duplicate_points + v.column3
+             FROM (VALUES {}) AS v
+             WHERE devices.org_id = v.column1 AND devices.id = v.column2",
+            placeholders(engine, part.len(), 3)
+        );
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for ((org, device), n) in part {
+            query = query.bind(*org).bind(*device).bind(**n);
+        }
+        query.execute(&mut *tx).await?;
+    }
+    Ok(())
 }
 
 fn points_row(series: &Series, window_start: i64, points: &[Point]) -> BlobRow {

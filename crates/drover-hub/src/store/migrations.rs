@@ -66,6 +66,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "devices keep the history of their sites, for reports",
         template: SITE_ASSIGNMENTS,
     },
+    Migration {
+        version: 7,
+        name: "devices count readings of numbered batches that were stored already",
+        template: "ALTER TABLE devices ADD COLUMN duplicate_points BIGINT NOT NULL DEFAULT 0;",
+    },
 ];
 
 /// Every change of a device's site, from when it holds (see `store::sites`). A device's
