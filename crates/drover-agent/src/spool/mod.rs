@@ -36,7 +36,12 @@
 //! a torn write, so nothing is counted; the bytes cut are logged). Damage anywhere else (a
 //! record that fails its checksum, a missing header) loses the rest of that segment: the file
 //! is cut there and the lost readings, known from the reading numbers of the records on either
-//! side, are counted as dropped and logged, once.
+//! side, are counted as dropped and logged, once. Damage that appears while the spool is open
+//! (a failing SD card) is dealt with by the same rule when [`Spool::read`] or [`Spool::ack`]
+//! meets it, instead of failing every read until a restart: the rest of that segment is given
+//! up, its readings are counted as dropped and logged, once, and reading goes on after it. A
+//! damaged segment that is still appended to is closed first, so appending goes on in a new
+//! segment and never after garbage, and the IDs handed out stay taken.
 
 mod recovery;
 mod segment;
@@ -77,7 +82,8 @@ pub enum SpoolError {
     /// Another process has the spool open.
     #[error("the spool {} is in use by another process", .0.display())]
     Locked(PathBuf),
-    /// A record that was whole when the spool was opened no longer decodes.
+    /// A record no longer decodes, and the spool found no damage it could give up (it gives
+    /// up what it can; see the module documentation).
     #[error("spool segment {} is damaged at byte {offset}: {source}", path.display())]
     Damaged {
         /// The segment file.
@@ -163,16 +169,25 @@ impl Spool {
         }
 
         let last_record = segments.iter().rev().find_map(|s| s.last_id);
+        // An empty last segment was named by the next ID when it was started. Damage may have
+        // taken the records before it since, and those could have been read, so their IDs stay
+        // taken; likewise the reading numbers counted as lost to damage.
+        let started_at = segments
+            .last()
+            .filter(|s| s.last_id.is_none())
+            .map_or(0, |s| s.first_id);
         let next_id = state
             .acked_through
             .max(last_record.unwrap_or(0))
-            .saturating_add(1);
+            .saturating_add(1)
+            .max(started_at);
         let next_reading = segments
             .iter()
             .rev()
             .find(|s| s.last_id.is_some())
             .map_or(0, |s| s.end_reading)
-            .max(state.acked_readings);
+            .max(state.acked_readings)
+            .max(state.damage_counted_to);
 
         let (segments, file) = recovery::settle(dir, segments, &state, next_id, next_reading)?;
         let total_bytes = segments.iter().map(|s| s.bytes).sum();
@@ -246,8 +261,13 @@ impl Spool {
 
     /// Up to `max_readings` readings (but always at least one whole record when there is one)
     /// in records from `from_id` on, skipping what the cursor has passed. Only synced records
-    /// are returned.
-    pub fn read(&self, from_id: u64, max_readings: usize) -> Result<Vec<Record>, SpoolError> {
+    /// are returned. Damage met on the way is given up and counted as dropped (see the module
+    /// documentation), and the records after it are returned.
+    pub fn read(&mut self, from_id: u64, max_readings: usize) -> Result<Vec<Record>, SpoolError> {
+        self.past_damage(|spool| spool.read_synced(from_id, max_readings))
+    }
+
+    fn read_synced(&self, from_id: u64, max_readings: usize) -> Result<Vec<Record>, SpoolError> {
         let start = from_id.max(self.first_unacked_id());
         let mut out = Vec::new();
         let mut count = 0;
@@ -300,7 +320,7 @@ impl Spool {
                 synced: self.synced_id,
             });
         }
-        let end = self.first_reading_after(through_id)?;
+        let end = self.past_damage(|spool| spool.first_reading_after(through_id))?;
         self.state.acked_through = through_id;
         self.state.acked_readings = self.state.acked_readings.max(end);
         self.state.save(&self.dir)?;
@@ -470,6 +490,32 @@ impl Spool {
             }
         }
         Ok(segment.end_reading)
+    }
+
+    /// Runs `f`, which reads segments; when it meets damage, gives that up and runs `f` again.
+    /// Each round cuts the damaged segment shorter, so this ends.
+    fn past_damage<T>(
+        &mut self,
+        f: impl Fn(&Spool) -> Result<T, SpoolError>,
+    ) -> Result<T, SpoolError> {
+        loop {
+            match f(self) {
+                Err(SpoolError::Damaged {
+                    path,
+                    offset,
+                    source,
+                }) => {
+                    if !self.give_up_damage(&path)? {
+                        return Err(SpoolError::Damaged {
+                            path,
+                            offset,
+                            source,
+                        });
+                    }
+                }
+                result => return result,
+            }
+        }
     }
 
     /// Counts readings that could not be stored, and tries to persist the count.

@@ -1,16 +1,17 @@
 //! Opening a spool after whatever a crash or power cut left: every segment is scanned and cut
 //! back to its good records, readings lost to damage are counted (once), and the segment to
-//! append to is chosen or started. See the [`super`] documentation for the rules.
+//! append to is chosen or started. Damage that appears while the spool is open is given up by
+//! the same rule ([`Spool::give_up_damage`]). See the [`super`] documentation for the rules.
 
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 
 use drover_protocol::spool::SEGMENT_HEADER;
 
-use super::SpoolError;
-use super::segment::{self, Segment};
+use super::segment::{self, Scan, Segment};
 use super::state::State;
-use crate::fsutil::{self, Context as _};
+use super::{Spool, SpoolError};
+use crate::fsutil::{self, Context as _, FileError};
 
 /// Scans every segment file and cuts each back to its good records (see the module
 /// documentation). Returns one entry per segment that is left, with its good records; a
@@ -35,27 +36,42 @@ pub(super) fn recover(dir: &Path) -> Result<Vec<Segment>, SpoolError> {
                 tracing::warn!(path = %path.display(), offset, discarded, %error,
                     "spool: damaged segment; the rest of it is lost");
             }
-            if scan.valid_len == 0 {
-                if !is_last {
-                    fsutil::remove_if_exists(&path)?;
-                    continue;
-                }
+            if scan.valid_len == 0 && is_last {
                 let (_, path) = segment::create(dir, first_id)?;
                 segments.push(empty(first_id, path));
                 continue;
             }
-            segment::truncate(&path, scan.valid_len)?;
+            cut(&path, &scan)?;
         }
-        segments.push(Segment {
-            first_id,
-            path,
-            bytes: scan.valid_len,
-            last_id: scan.last_id,
-            first_reading: scan.first_reading.unwrap_or(0),
-            end_reading: scan.end_reading.unwrap_or(0),
-        });
+        segments.extend(kept(first_id, path, &scan));
     }
     Ok(segments)
+}
+
+/// What is left of a segment once the damage `scan` found is given up: its good records, or
+/// nothing when not even its header is good.
+fn kept(first_id: u64, path: PathBuf, scan: &Scan) -> Option<Segment> {
+    if scan.valid_len == 0 {
+        return None;
+    }
+    Some(Segment {
+        first_id,
+        path,
+        bytes: scan.valid_len,
+        last_id: scan.last_id,
+        first_reading: scan.first_reading.unwrap_or(0),
+        end_reading: scan.end_reading.unwrap_or(0),
+    })
+}
+
+/// Cuts a damaged segment file back to what [`kept`] keeps: after its last good record, or
+/// away altogether when not even its header is good.
+fn cut(path: &Path, scan: &Scan) -> Result<(), FileError> {
+    if scan.valid_len == 0 {
+        fsutil::remove_if_exists(path)
+    } else {
+        segment::truncate(path, scan.valid_len)
+    }
 }
 
 fn empty(first_id: u64, path: PathBuf) -> Segment {
@@ -138,4 +154,72 @@ pub(super) fn settle(
         }
     };
     Ok((segments, file))
+}
+
+impl Spool {
+    /// Gives up the damage in the segment at `path` that a read found while the spool was open
+    /// (a failing SD card), by the rule [`recover`] applies to a segment that is not the last:
+    /// the segment keeps the good run [`segment::scan`] finds and loses the rest, and the lost
+    /// readings that were not acknowledged are counted as dropped, persisted and logged, once.
+    /// Returns `false` when there is no such segment or no damage in it, so the caller's error
+    /// stands.
+    ///
+    /// The readings are counted here, by their numbers, rather than by [`count_damage`] at the
+    /// next open; `damage_counted_to` moves past them so that the gap they leave is not
+    /// counted again then.
+    pub(super) fn give_up_damage(&mut self, path: &Path) -> Result<bool, SpoolError> {
+        let Some(index) = self.segments.iter().position(|s| s.path == path) else {
+            return Ok(false);
+        };
+        let damaged = self.segments[index].clone();
+        let bytes = fs::read(&damaged.path).at("reading", &damaged.path)?;
+        // Bytes past the good records of the active segment are a failed write's leftovers,
+        // which the spool never reads.
+        let bytes = bytes.get(..damaged.bytes as usize).unwrap_or(&bytes);
+        let scan = segment::scan(bytes, damaged.first_id);
+        let Some((offset, error)) = &scan.damage else {
+            return Ok(false);
+        };
+        if index + 1 == self.segments.len() {
+            // Records appended after the damage would be cut with it at the next open, and a
+            // segment's records must follow each other: close this one and go on in a new
+            // segment. Started before anything is cut, and named by the next ID, it keeps the
+            // IDs handed out taken across a reopen (see `Spool::open`).
+            self.roll()?;
+        }
+        // Closing the segment may have deleted it, if everything in it was acknowledged.
+        let Some(index) = self.segments.iter().position(|s| s.path == path) else {
+            return Ok(true);
+        };
+        match kept(damaged.first_id, damaged.path.clone(), &scan) {
+            Some(segment) => {
+                self.total_bytes -= damaged.bytes - segment.bytes;
+                self.segments[index] = segment;
+            }
+            None => {
+                self.total_bytes -= damaged.bytes;
+                self.segments.remove(index);
+            }
+        }
+
+        let lost_from = scan.end_reading.unwrap_or(damaged.first_reading);
+        let lost = damaged
+            .end_reading
+            .saturating_sub(lost_from.max(self.state.acked_readings));
+        self.state.dropped_total += lost;
+        self.state.damage_counted_to = self.state.damage_counted_to.max(damaged.end_reading);
+        tracing::warn!(
+            path = %damaged.path.display(),
+            offset,
+            %error,
+            lost,
+            dropped_total = self.state.dropped_total,
+            "spool: a segment was damaged while open; the rest of it is lost and counted as dropped"
+        );
+        // The count is persisted before the file is cut: a crash in between leaves damage that
+        // the next open cuts without counting it again.
+        self.state.save(&self.dir)?;
+        cut(&damaged.path, &scan)?;
+        Ok(true)
+    }
 }

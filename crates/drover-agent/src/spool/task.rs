@@ -117,7 +117,7 @@ mod tests {
         assert_eq!(lock(&spool).unwrap().synced_id(), 0);
         shutdown.cancel();
         task.await.unwrap().unwrap();
-        let spool = lock(&spool).unwrap();
+        let mut spool = lock(&spool).unwrap();
         assert_eq!(spool.synced_id(), 3);
         let records = spool.read(1, usize::MAX).unwrap();
         let counts: Vec<usize> = records.iter().map(|r| r.readings.len()).collect();

@@ -50,7 +50,7 @@ fn fill(spool: &mut Spool, records: usize) -> u64 {
 }
 
 /// Every record from the cursor on, checked to be whole, in order and numbered without gaps.
-fn read_all(spool: &Spool) -> Vec<Record> {
+fn read_all(spool: &mut Spool) -> Vec<Record> {
     let records = spool.read(0, usize::MAX).unwrap();
     for pair in records.windows(2) {
         assert_eq!(pair[1].id, pair[0].id + 1);
@@ -99,7 +99,7 @@ fn append_read_ack_round_trip_across_segments() {
         from = last.id + 1;
         seen.extend(batch);
     }
-    assert_eq!(seen, read_all(&spool));
+    assert_eq!(seen, read_all(&mut spool));
     assert_eq!(seen.len(), 400);
     assert_eq!(spool.pending_readings(), spool.appended_total());
 
@@ -110,7 +110,7 @@ fn append_read_ack_round_trip_across_segments() {
     let pending = spool.pending_readings();
     assert_eq!(
         pending,
-        read_all(&spool)
+        read_all(&mut spool)
             .iter()
             .map(|r| r.readings.len() as u64)
             .sum::<u64>()
@@ -121,7 +121,7 @@ fn append_read_ack_round_trip_across_segments() {
     assert_eq!(spool.first_unacked_id(), 251);
     assert_eq!(spool.pending_readings(), pending);
     assert_eq!(spool.bytes(), bytes);
-    assert_eq!(read_all(&spool).first().unwrap().id, 251);
+    assert_eq!(read_all(&mut spool).first().unwrap().id, 251);
     assert_eq!(
         spool.append(&readings(spool.appended_total(), 1)).unwrap(),
         401
@@ -173,7 +173,7 @@ fn ids_are_never_reused_even_when_everything_was_acknowledged() {
     assert_eq!(spool.appended_total(), appended + 1);
     assert_eq!(spool.append(&readings(appended + 1, 2)).unwrap(), 102);
     spool.sync().unwrap();
-    assert_eq!(read_all(&spool).len(), 1);
+    assert_eq!(read_all(&mut spool).len(), 1);
     assert_eq!(spool.dropped_total(), 0);
 }
 
@@ -194,7 +194,7 @@ fn a_full_spool_drops_the_oldest_segments_and_counts_them_exactly() {
     spool.sync().unwrap();
     assert!(spool.bytes() <= config.max_bytes, "{}", spool.bytes());
 
-    let records = read_all(&spool);
+    let records = read_all(&mut spool);
     let kept: u64 = records.iter().map(|r| r.readings.len() as u64).sum();
     let last = records.last().unwrap();
     assert_eq!(
@@ -210,13 +210,13 @@ fn a_full_spool_drops_the_oldest_segments_and_counts_them_exactly() {
 
     let dropped = spool.dropped_total();
     drop(spool);
-    let spool = Spool::open(dir.path(), &config).unwrap();
+    let mut spool = Spool::open(dir.path(), &config).unwrap();
     assert_eq!(
         spool.dropped_total(),
         dropped,
         "the count survives a reopen"
     );
-    assert_eq!(read_all(&spool), records);
+    assert_eq!(read_all(&mut spool), records);
 }
 
 /// Readings in records 1 ..= `id` as [`fill`] makes them (1, 2, 3, 1, 2, 3 ...).
@@ -284,7 +284,7 @@ fn a_torn_last_record_is_cut_at_every_byte_and_behind_any_garbage() {
 
             let mut spool = Spool::open(&dir, &small()).unwrap();
             assert_eq!(spool.last_id(), whole, "cut at {cut}, tail {tail:?}");
-            assert_eq!(read_all(&spool).len() as u64, whole);
+            assert_eq!(read_all(&mut spool).len() as u64, whole);
             assert_eq!(spool.dropped_total(), 0, "a torn tail is not a drop");
             let expected_len = if complete { full_len } else { start };
             assert_eq!(fs::metadata(&path).unwrap().len() as usize, expected_len);
@@ -292,8 +292,8 @@ fn a_torn_last_record_is_cut_at_every_byte_and_behind_any_garbage() {
             let id = spool.append(&readings(spool.appended_total(), 2)).unwrap();
             assert_eq!(id, whole + 1);
             drop(spool);
-            let spool = Spool::open(&dir, &small()).unwrap();
-            assert_eq!(read_all(&spool).len() as u64, whole + 1);
+            let mut spool = Spool::open(&dir, &small()).unwrap();
+            assert_eq!(read_all(&mut spool).len() as u64, whole + 1);
             drop(spool);
             fs::remove_dir_all(&dir).unwrap();
         }
@@ -314,7 +314,7 @@ fn a_damaged_middle_segment_is_skipped_and_its_loss_counted_once() {
     bytes[offset + 10] ^= 0x40;
     fs::write(victim, &bytes).unwrap();
 
-    let spool = Spool::open(dir.path(), &small()).unwrap();
+    let mut spool = Spool::open(dir.path(), &small()).unwrap();
     let lost = readings_through(last_in_victim) - readings_through(damaged_id - 1);
     assert_eq!(spool.dropped_total(), lost);
     let records = spool.read(0, usize::MAX).unwrap();
@@ -325,7 +325,7 @@ fn a_damaged_middle_segment_is_skipped_and_its_loss_counted_once() {
     drop(spool);
 
     // The damage was cut away and counted; a reopen counts nothing new.
-    let spool = Spool::open(dir.path(), &small()).unwrap();
+    let mut spool = Spool::open(dir.path(), &small()).unwrap();
     assert_eq!(spool.dropped_total(), lost);
     assert_eq!(spool.read(0, usize::MAX).unwrap(), records);
 }
@@ -342,13 +342,152 @@ fn a_segment_without_its_header_is_lost_whole_and_counted() {
     bytes[..8].copy_from_slice(b"garbage!");
     fs::write(victim, &bytes).unwrap();
 
-    let spool = Spool::open(dir.path(), &small()).unwrap();
+    let mut spool = Spool::open(dir.path(), &small()).unwrap();
     assert!(!victim.exists());
     let lost = readings_through(last_in_victim) - readings_through(first - 1);
     assert_eq!(spool.dropped_total(), lost);
     assert_eq!(
         spool.read(0, usize::MAX).unwrap().len() as u64,
         last - (last_in_victim - first + 1)
+    );
+}
+
+/// Flips one bit of a file in place, as a failing SD card would, leaving its length alone.
+fn flip_bit(path: &Path, at: usize) {
+    use std::io::{Read as _, Seek as _, SeekFrom, Write as _};
+    let mut file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut byte = [0];
+    file.seek(SeekFrom::Start(at as u64)).unwrap();
+    file.read_exact(&mut byte).unwrap();
+    file.seek(SeekFrom::Start(at as u64)).unwrap();
+    file.write_all(&[byte[0] ^ 0x40]).unwrap();
+}
+
+fn ids(records: &[Record]) -> Vec<u64> {
+    records.iter().map(|r| r.id).collect()
+}
+
+#[test]
+fn damage_found_while_open_loses_the_rest_of_its_segment_counted_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut spool = Spool::open(dir.path(), &small()).unwrap();
+    let last = fill(&mut spool, 150);
+    spool.sync().unwrap();
+    let files = segment_files(dir.path());
+    assert!(files.len() >= 2, "{} segments", files.len());
+    let victim = &files[0];
+    let offsets = record_offsets(victim);
+    let (damaged_id, offset) = offsets[offsets.len() / 2];
+    let (last_in_victim, _) = *offsets.last().unwrap();
+    // Whole when the spool was opened; damaged while it is open.
+    flip_bit(victim, offset + 10);
+
+    let records = spool.read(0, usize::MAX).unwrap();
+    let expected: Vec<u64> = (1..damaged_id).chain(last_in_victim + 1..=last).collect();
+    assert_eq!(ids(&records), expected);
+    let lost = readings_through(last_in_victim) - readings_through(damaged_id - 1);
+    assert_eq!(spool.dropped_total(), lost);
+    assert_eq!(spool.pending_readings(), readings_through(last) - lost);
+    assert_eq!(fs::metadata(victim).unwrap().len(), offset as u64);
+    // The damaged part is gone: reading again returns the same and counts nothing new.
+    assert_eq!(spool.read(0, usize::MAX).unwrap(), records);
+    assert_eq!(spool.dropped_total(), lost);
+    assert_eq!(
+        spool.append(&readings(spool.appended_total(), 1)).unwrap(),
+        last + 1
+    );
+    spool.sync().unwrap();
+    drop(spool);
+
+    let mut spool = Spool::open(dir.path(), &small()).unwrap();
+    assert_eq!(spool.dropped_total(), lost, "a reopen counts nothing again");
+    let mut expected = expected;
+    expected.push(last + 1);
+    assert_eq!(ids(&spool.read(0, usize::MAX).unwrap()), expected);
+}
+
+#[test]
+fn damage_found_while_open_in_the_segment_appended_to_moves_appends_to_a_new_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut spool = Spool::open(dir.path(), &small()).unwrap();
+    let last = fill(&mut spool, 150);
+    spool.sync().unwrap();
+    let files = segment_files(dir.path());
+    assert!(files.len() >= 2, "{} segments", files.len());
+    let victim = files.last().unwrap();
+    let offsets = record_offsets(victim);
+    assert!(offsets.len() >= 3, "{} records", offsets.len());
+    let (damaged_id, offset) = offsets[offsets.len() / 2];
+    flip_bit(victim, offset + 10);
+
+    let records = spool.read(0, usize::MAX).unwrap();
+    assert_eq!(ids(&records), (1..damaged_id).collect::<Vec<_>>());
+    let lost = readings_through(last) - readings_through(damaged_id - 1);
+    assert_eq!(spool.dropped_total(), lost);
+    assert_eq!(spool.read(0, usize::MAX).unwrap(), records);
+    assert_eq!(spool.dropped_total(), lost, "a second read counts nothing");
+    assert_eq!(fs::metadata(victim).unwrap().len(), offset as u64);
+
+    // Appending goes on with fresh IDs and reading numbers, in a new segment.
+    let appended = spool.appended_total();
+    assert_eq!(appended, readings_through(last));
+    assert_eq!(spool.append(&readings(appended, 2)).unwrap(), last + 1);
+    spool.sync().unwrap();
+    assert_eq!(
+        segment_files(dir.path()).last().unwrap(),
+        &segment::path_for(dir.path(), last + 1)
+    );
+    let fresh = spool.read(damaged_id, usize::MAX).unwrap();
+    assert_eq!(fresh.len(), 1);
+    assert_eq!(fresh[0].id, last + 1);
+    assert_eq!(fresh[0].readings, readings(appended, 2));
+    assert_eq!(spool.dropped_total(), lost);
+    drop(spool);
+
+    let mut spool = Spool::open(dir.path(), &small()).unwrap();
+    assert_eq!(spool.dropped_total(), lost, "a reopen counts nothing again");
+    let mut expected = ids(&records);
+    expected.push(last + 1);
+    assert_eq!(ids(&spool.read(0, usize::MAX).unwrap()), expected);
+    assert_eq!(
+        spool.append(&readings(spool.appended_total(), 1)).unwrap(),
+        last + 2
+    );
+}
+
+#[test]
+fn ids_lost_to_damage_found_while_open_stay_taken_across_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut spool = Spool::open(dir.path(), &small()).unwrap();
+    let last = fill(&mut spool, 150);
+    spool.sync().unwrap();
+    let victim = segment_files(dir.path()).pop().unwrap();
+    let (damaged_id, offset) = record_offsets(&victim)[1];
+    flip_bit(&victim, offset + 10);
+    assert_eq!(
+        spool.read(0, usize::MAX).unwrap().len() as u64,
+        damaged_id - 1
+    );
+    let (appended, dropped) = (spool.appended_total(), spool.dropped_total());
+    // Reopened before anything was appended after the damage: records up to `last` may have
+    // been read, so neither their IDs nor their reading numbers may be given out again.
+    drop(spool);
+
+    let mut spool = Spool::open(dir.path(), &small()).unwrap();
+    assert_eq!(spool.dropped_total(), dropped);
+    assert_eq!(spool.appended_total(), appended);
+    assert_eq!(spool.append(&readings(appended, 1)).unwrap(), last + 1);
+    spool.sync().unwrap();
+    drop(spool);
+    let mut spool = Spool::open(dir.path(), &small()).unwrap();
+    assert_eq!(spool.dropped_total(), dropped);
+    assert_eq!(
+        spool.read(0, usize::MAX).unwrap().last().unwrap().id,
+        last + 1
     );
 }
 
@@ -370,8 +509,8 @@ fn a_new_segment_cut_short_by_a_power_cut_is_started_again() {
         let id = spool.append(&readings(spool.appended_total(), 1)).unwrap();
         assert_eq!(id, 51);
         drop(spool);
-        let spool = Spool::open(dir.path(), &small()).unwrap();
-        assert_eq!(read_all(&spool).len(), 51);
+        let mut spool = Spool::open(dir.path(), &small()).unwrap();
+        assert_eq!(read_all(&mut spool).len(), 51);
         drop(spool);
         fs::remove_file(&path).unwrap();
     }
@@ -397,9 +536,12 @@ fn acknowledged_records_lost_from_the_last_segment_do_not_reuse_ids() {
         21
     );
     drop(spool);
-    let spool = Spool::open(dir.path(), &small()).unwrap();
+    let mut spool = Spool::open(dir.path(), &small()).unwrap();
     assert_eq!(
-        read_all(&spool).iter().map(|r| r.id).collect::<Vec<_>>(),
+        read_all(&mut spool)
+            .iter()
+            .map(|r| r.id)
+            .collect::<Vec<_>>(),
         [21]
     );
     assert_eq!(
@@ -423,7 +565,7 @@ fn a_damaged_state_file_falls_back_to_sending_everything_kept() {
     let first = record_offsets(&oldest_kept)[0].0;
     assert!(first <= 61);
     assert_eq!(spool.first_unacked_id(), first);
-    assert_eq!(read_all(&spool).len() as u64, 100 - first + 1);
+    assert_eq!(read_all(&mut spool).len() as u64, 100 - first + 1);
     assert_eq!(spool.dropped_total(), 0);
     assert_eq!(
         spool.append(&readings(spool.appended_total(), 1)).unwrap(),
