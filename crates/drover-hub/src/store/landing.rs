@@ -25,7 +25,9 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use drover_protocol::batch::{self, Batch, MAX_METERS, MAX_READINGS, MAX_SERIES};
 use drover_protocol::ids::DeviceId;
 use drover_protocol::reading::{ClockState, Reading};
+use sqlx::Any;
 use sqlx::Row as _;
+use sqlx::pool::PoolConnection;
 
 use super::ingest::{AnyQuery, ROWS_PER_STATEMENT, numbered_placeholders, placeholders};
 use super::{Engine, Store, StoreError, StoreResult, now_ms};
@@ -121,6 +123,7 @@ impl Store {
     /// Returns the devices whose claims held.
     async fn write_claims(
         &self,
+        held_conn: &mut Option<PoolConnection<Any>>,
         claims: &[Claim],
         rows: &[LandedRow],
     ) -> StoreResult<HashSet<DeviceKey>> {
@@ -128,7 +131,20 @@ impl Store {
         let now = now_ms();
         for (claims, rows) in statement_parts(claims, rows) {
             match self.engine {
-                Engine::Postgres => held.extend(claim_and_land_pg(self, claims, rows, now).await?),
+                Engine::Postgres => {
+                    let conn = match held_conn {
+                        Some(conn) => conn,
+                        None => held_conn.insert(self.pool.acquire().await?),
+                    };
+                    match claim_and_land_pg(conn, claims, rows, now).await {
+                        Ok(part_held) => held.extend(part_held),
+                        Err(e) => {
+                            // The connection may be broken: the next group takes a new one.
+                            *held_conn = None;
+                            return Err(e);
+                        }
+                    }
+                }
                 Engine::Sqlite => {
                     let mut tx = self.begin_write().await?;
                     let part_held = claim(self.engine, &mut tx, &claims).await?;
@@ -155,6 +171,10 @@ pub struct Lander {
     store: Store,
     /// (organization, device) → the last sequence number this lander claimed or read for it.
     last: HashMap<DeviceKey, i64>,
+    /// On PostgreSQL, the connection the lander keeps for its statements: they differ only in
+    /// how many rows they carry, so on one connection each shape is prepared once, instead of
+    /// once on every connection of the pool (a round trip and a plan each time).
+    conn: Option<PoolConnection<Any>>,
 }
 
 /// One device's claim in a group.
@@ -185,6 +205,7 @@ impl Lander {
         Lander {
             store,
             last: HashMap::new(),
+            conn: None,
         }
     }
 
@@ -262,7 +283,10 @@ impl Lander {
                     });
                 }
             }
-            let held = self.store.write_claims(&claims, &rows).await?;
+            let held = self
+                .store
+                .write_claims(&mut self.conn, &claims, &rows)
+                .await?;
             for claim in claims {
                 if held.contains(&claim.device) {
                     self.last.insert(claim.device, claim.last);
@@ -482,7 +506,7 @@ async fn insert_rows(
 /// device's rows land exactly when its claim does, in the order given. Returns the devices
 /// whose claims held.
 async fn claim_and_land_pg(
-    store: &Store,
+    conn: &mut sqlx::AnyConnection,
     claims: Vec<&Claim>,
     rows: Vec<&LandedRow>,
     now: i64,
@@ -530,7 +554,7 @@ async fn claim_and_land_pg(
             .bind(now)
             .bind(row.body.as_slice());
     }
-    for row in query.fetch_all(&store.pool).await? {
+    for row in query.fetch_all(&mut *conn).await? {
         held.insert((row.try_get("org_id")?, row.try_get("id")?));
     }
     Ok(held)
