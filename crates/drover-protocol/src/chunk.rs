@@ -25,7 +25,7 @@
 //! ```
 
 use crate::batch::BatchError;
-use crate::batch::bits::{BitReader, BitWriter};
+use crate::batch::bits::{BitReader, BitWriter, Effort};
 use crate::batch::column;
 
 /// The chunk format version.
@@ -39,6 +39,16 @@ pub const MAX_COLUMNS: usize = 64;
 ///
 /// Columns of unequal length are a caller bug; the shortest length is used.
 pub fn encode_columns(columns: &[Vec<i64>]) -> Vec<u8> {
+    encode_with(columns, Effort::Smallest)
+}
+
+/// Encodes columns like [`encode_columns`], each with one fixed predictor and coder instead
+/// of the smallest (see [`crate::batch::encode_quick`]): for pieces that are re-coded later.
+pub fn encode_columns_quick(columns: &[Vec<i64>]) -> Vec<u8> {
+    encode_with(columns, Effort::Quick)
+}
+
+fn encode_with(columns: &[Vec<i64>], effort: Effort) -> Vec<u8> {
     let rows = columns
         .iter()
         .map(Vec::len)
@@ -47,6 +57,7 @@ pub fn encode_columns(columns: &[Vec<i64>]) -> Vec<u8> {
         .min(MAX_ROWS);
     let count = columns.len().min(MAX_COLUMNS);
     let mut w = BitWriter::default();
+    w.effort = effort;
     w.bits(8, u64::from(CHUNK_VERSION));
     w.ue(rows as u64);
     w.ue(count as u64);
@@ -176,6 +187,22 @@ mod tests {
         assert_eq!(decode_columns(&blob, 3).unwrap(), columns);
         let per_point = blob.len() as f64 / power.len() as f64;
         assert!(per_point < 1.5, "{per_point:.2} bytes per point at rest");
+        // The quick coder reads back the same, never smaller, and mixes with small pieces.
+        let quick = encode_columns_quick(&columns);
+        assert_eq!(decode_columns(&quick, 3).unwrap(), columns);
+        assert!(quick.len() >= blob.len());
+        let half = |c: &Vec<i64>, second: bool| {
+            let mid = c.len() / 2;
+            if second {
+                c[mid..].to_vec()
+            } else {
+                c[..mid].to_vec()
+            }
+        };
+        let first: Vec<Vec<i64>> = columns.iter().map(|c| half(c, false)).collect();
+        let second: Vec<Vec<i64>> = columns.iter().map(|c| half(c, true)).collect();
+        let mixed = [encode_columns(&first), encode_columns_quick(&second)].concat();
+        assert_eq!(decode_appended(&mixed, 3).unwrap(), columns);
     }
 
     #[test]

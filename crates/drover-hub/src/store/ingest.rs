@@ -491,11 +491,25 @@ impl Store {
         let mut recode: BTreeSet<(i64, i64)> = BTreeSet::new();
         for work in works {
             let s = &work.series;
+            let open_before = work.last_ts_before.map(window_of);
             for (&window, points) in &work.fresh {
-                appends.push(points_row(s, window, points));
+                // A piece appended to a row that already holds points is re-coded with the row
+                // (at CHUNK_MAX_PIECES, or when its window closes), so it is coded quickly now.
+                // A window's first piece may stay its only one, so it is coded small.
+                let coding = if open_before == Some(window) {
+                    chunk::encode_points_quick
+                } else {
+                    chunk::encode_points
+                };
+                appends.push(points_row(s, window, points, coding));
             }
             for &window in &work.slow_changed {
-                rewrites.push(points_row(s, window, &work.slow[&window]));
+                rewrites.push(points_row(
+                    s,
+                    window,
+                    &work.slow[&window],
+                    chunk::encode_points,
+                ));
             }
             // The series moved on to a new window: its previous one is over.
             if let Some(before) = work.last_ts_before.map(window_of)
@@ -809,7 +823,12 @@ async fn count_duplicates(
     Ok(())
 }
 
-fn points_row(series: &Series, window_start: i64, points: &[Point]) -> BlobRow {
+fn points_row(
+    series: &Series,
+    window_start: i64,
+    points: &[Point],
+    coding: fn(&[Point]) -> Vec<u8>,
+) -> BlobRow {
     BlobRow {
         series_id: series.id,
         org_id: series.org_id,
@@ -818,7 +837,7 @@ fn points_row(series: &Series, window_start: i64, points: &[Point]) -> BlobRow {
         points: points.len() as i64,
         first_ts: points.first().map_or(window_start, |p| p.ts),
         last_ts: points.last().map_or(window_start, |p| p.ts),
-        data: chunk::encode_points(points),
+        data: coding(points),
     }
 }
 

@@ -7,7 +7,7 @@
 //! only appends points later than the row's last), and buckets of the same start that were
 //! appended separately are merged.
 
-use drover_protocol::chunk::{decode_appended, encode_columns};
+use drover_protocol::chunk::{decode_appended, encode_columns, encode_columns_quick};
 
 use super::fold::Point;
 use super::rollup::{Bucket, merge_into};
@@ -15,11 +15,21 @@ use crate::store::StoreError;
 
 /// A chunk of points: time, value and clock-state columns.
 pub fn encode_points(points: &[Point]) -> Vec<u8> {
-    encode_columns(&[
+    encode_columns(&point_columns(points))
+}
+
+/// A chunk of points coded quickly rather than small (see `batch::encode_quick`): for pieces
+/// appended to a row that is re-coded later.
+pub fn encode_points_quick(points: &[Point]) -> Vec<u8> {
+    encode_columns_quick(&point_columns(points))
+}
+
+fn point_columns(points: &[Point]) -> [Vec<i64>; 3] {
+    [
         points.iter().map(|p| p.ts).collect(),
         points.iter().map(|p| p.value).collect(),
         points.iter().map(|p| i64::from(p.clock)).collect(),
-    ])
+    ]
 }
 
 /// The points of a chunk (or of several appended), sorted by time.
