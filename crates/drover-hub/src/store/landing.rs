@@ -29,7 +29,8 @@ use sqlx::Any;
 use sqlx::Row as _;
 use sqlx::pool::PoolConnection;
 
-use super::ingest::{AnyQuery, ROWS_PER_STATEMENT, numbered_placeholders, placeholders};
+use super::fold_rows::AnyQuery;
+use super::ingest::{ROWS_PER_STATEMENT, numbered_placeholders, placeholders};
 use super::{Engine, Store, StoreError, StoreResult, now_ms};
 use crate::telemetry::fold::{IngestJob, IngestOutcome, Point, SeriesPoints};
 

@@ -16,6 +16,7 @@
 mod attempts;
 mod devices;
 mod fleets;
+mod fold_rows;
 mod ingest;
 mod landing;
 pub mod migrations;
